@@ -1,0 +1,15 @@
+//! `drbdd`: the daemon that will host resources and serve them as NBD exports. For now it only
+//! reports its version.
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    match args.next().as_deref() {
+        None | Some("--version") | Some("-V") => {
+            println!("drbdd {}", env!("CARGO_PKG_VERSION"));
+        }
+        Some(other) => {
+            eprintln!("drbdd: unknown argument '{other}'; only --version is supported so far");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! `drbd-core` is the sans-IO heart of the DRBD reimplementation.
+//!
+//! It holds everything that can be decided without touching a socket, a clock or a thread:
+//!
+//! * [`config`]: the drbd.conf model (every option with its default and unit), the parser for the
+//!   grammar that drbd-utils' 8.4 front end accepts (8.3 and 8.4 spellings), and the canonical
+//!   printer behind `drbdadm dump`.
+//! * [`meta`]: the v08 on-disk metadata format (superblock, activity-log ring, bitmap area and
+//!   their placement), byte-compatible with what `drbdmeta` writes.
+//!
+//! Inputs come in as bytes or values and results go out as values: the callers (the CLI and the
+//! daemon) do the I/O. The crate has no `unsafe` code, no tokio, no sockets, no clock reads and
+//! no threads.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod meta;
