@@ -1183,7 +1183,9 @@ impl<'a> Parser<'a> {
                 return Err(self.expected(tk, "device | address | proxy"));
             }
         }
-        inherit_volumes(&res.volumes, &mut host);
+        // Stacked sections have no host names yet (they come from the lower resource), so
+        // inheriting registers nothing.
+        let _ = inherit_volumes(&res.volumes, &mut host);
         if host.address.is_none() {
             let lower = match &host.kind {
                 HostKind::Stacked { lower } => lower.clone(),
@@ -1210,77 +1212,8 @@ impl<'a> Parser<'a> {
         end: u32,
     ) {
         // Inherit what the resource level said so far, and register inherited values.
-        for s in &res.volumes {
-            let pos = host.volumes.iter().position(|v| v.vnr == s.vnr);
-            let t = match pos {
-                Some(i) => &mut host.volumes[i],
-                None => {
-                    insert_sorted(
-                        &mut host.volumes,
-                        Volume {
-                            vnr: s.vnr,
-                            implicit: s.implicit,
-                            ..Volume::default()
-                        },
-                    );
-                    let i = host
-                        .volumes
-                        .iter()
-                        .position(|v| v.vnr == s.vnr)
-                        .expect("inserted");
-                    &mut host.volumes[i]
-                }
-            };
-            if t.disk.is_none() {
-                if let Some(d) = &s.disk {
-                    t.disk = Some(d.clone());
-                    let d = d.clone();
-                    for h in &host.on_hosts {
-                        Self::check_in(
-                            &mut self.uniq,
-                            &mut self.errors,
-                            &self.file,
-                            "disk",
-                            format!("disk:{h}:{d}"),
-                            start,
-                        );
-                    }
-                }
-            }
-            let t = host
-                .volumes
-                .iter_mut()
-                .find(|v| v.vnr == s.vnr)
-                .expect("present");
-            if t.device.is_none() && s.device.is_some() {
-                t.device = s.device.clone();
-            }
-            if t.minor.is_none() {
-                if let Some(m) = s.minor {
-                    t.minor = Some(m);
-                    for h in &host.on_hosts {
-                        Self::check_in(
-                            &mut self.uniq,
-                            &mut self.errors,
-                            &self.file,
-                            "device-minor",
-                            format!("device-minor:{h}:{m}"),
-                            start,
-                        );
-                    }
-                }
-            }
-            let t = host
-                .volumes
-                .iter_mut()
-                .find(|v| v.vnr == s.vnr)
-                .expect("present");
-            if t.meta_disk.is_none() && s.meta_disk.is_some() {
-                t.meta_disk = s.meta_disk.clone();
-                if s.meta_index.is_some() {
-                    t.meta_index = s.meta_index.clone();
-                }
-            }
+        for (what, key) in inherit_volumes(&res.volumes, host) {
+            self.check_uniq(what, key, start);
         }
         // External meta-data slots must not be shared.
         for v in host.volumes.clone() {
@@ -1868,11 +1801,14 @@ fn insert_sorted(vols: &mut Vec<Volume>, vol: Volume) {
     vols.insert(pos, vol);
 }
 
-fn inherit_volumes(from: &[Volume], host: &mut Host) {
+/// Fills what a host's volumes leave unset from the resource-level volumes. Returns the
+/// inherited backing disks and minors as uniqueness keys, which the caller registers.
+fn inherit_volumes(from: &[Volume], host: &mut Host) -> Vec<(&'static str, String)> {
+    let mut keys = Vec::new();
     for s in from {
         if !host.volumes.iter().any(|v| v.vnr == s.vnr) {
             insert_sorted(
-                host.volumes.as_mut(),
+                &mut host.volumes,
                 Volume {
                     vnr: s.vnr,
                     implicit: s.implicit,
@@ -1884,19 +1820,30 @@ fn inherit_volumes(from: &[Volume], host: &mut Host) {
             .volumes
             .iter_mut()
             .find(|v| v.vnr == s.vnr)
-            .expect("present");
-        if t.disk.is_none() {
-            t.disk = s.disk.clone();
+            .expect("inserted above");
+        if let (None, Some(d)) = (&t.disk, &s.disk) {
+            t.disk = Some(d.clone());
+            keys.extend(
+                host.on_hosts
+                    .iter()
+                    .map(|h| ("disk", format!("disk:{h}:{d}"))),
+            );
         }
         if t.device.is_none() {
             t.device = s.device.clone();
         }
-        if t.minor.is_none() {
-            t.minor = s.minor;
+        if let (None, Some(m)) = (t.minor, s.minor) {
+            t.minor = Some(m);
+            keys.extend(
+                host.on_hosts
+                    .iter()
+                    .map(|h| ("device-minor", format!("device-minor:{h}:{m}"))),
+            );
         }
         if t.meta_disk.is_none() && s.meta_disk.is_some() {
             t.meta_disk = s.meta_disk.clone();
             t.meta_index = s.meta_index.clone();
         }
     }
+    keys
 }
