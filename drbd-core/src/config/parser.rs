@@ -585,8 +585,7 @@ impl<'a> Parser<'a> {
             } else if is_kw(&t, "startup") {
                 self.check_upr("startup section", format!("{name}:startup"), line);
                 self.expect_punct(tk, '{')?;
-                let opts = self.parse_startup(tk, &mut res)?;
-                res.startup = opts;
+                res.startup = self.parse_options_with(tk, Section::Startup, Some(&mut res))?;
             } else if is_kw(&t, "handlers") {
                 self.check_upr("handlers section", format!("{name}:handlers"), line);
                 self.expect_punct(tk, '{')?;
@@ -674,6 +673,17 @@ impl<'a> Parser<'a> {
     // Option sections
 
     fn parse_options(&mut self, tk: &mut Tokens, section: Section) -> PResult<Vec<Opt>> {
+        self.parse_options_with(tk, section, None)
+    }
+
+    /// An option section. `startup` also takes `become-primary-on` and `stacked-timeouts`,
+    /// which are kept on the resource rather than as options.
+    fn parse_options_with(
+        &mut self,
+        tk: &mut Tokens,
+        section: Section,
+        mut res: Option<&mut Resource>,
+    ) -> PResult<Vec<Opt>> {
         self.section_start = tk.line();
         let mut out = Vec::new();
         loop {
@@ -684,6 +694,17 @@ impl<'a> Parser<'a> {
             }
             if t.kind == TokenKind::Eof {
                 return Err(self.expected(tk, "an option"));
+            }
+            if let Some(res) = res.as_deref_mut() {
+                if is_kw(&t, "become-primary-on") {
+                    res.become_primary_on = self.parse_hosts(tk, ';')?;
+                    continue;
+                }
+                if is_kw(&t, "stacked-timeouts") {
+                    res.stacked_timeouts = true;
+                    self.expect_punct(tk, ';')?;
+                    continue;
+                }
             }
             let info = option_of(&t);
             match info.map(|i| (i, section.accepts(i))) {
@@ -714,7 +735,15 @@ impl<'a> Parser<'a> {
                     self.expect_value(tk)?;
                 }
                 Some((_, Accept::No)) | None => {
-                    return Err(self.expected(tk, "an option keyword"));
+                    return Err(self.expected(
+                        tk,
+                        match section {
+                            Section::Startup => {
+                                "<an option keyword> | become-primary-on | stacked-timeouts"
+                            }
+                            _ => "an option keyword",
+                        },
+                    ));
                 }
             }
             self.expect_punct(tk, ';')?;
@@ -766,54 +795,6 @@ impl<'a> Parser<'a> {
             if !is_punct(&next, ';') {
                 return Err(self.expected(tk, ";"));
             }
-        }
-    }
-
-    fn parse_startup(&mut self, tk: &mut Tokens, res: &mut Resource) -> PResult<Vec<Opt>> {
-        let mut out = Vec::new();
-        loop {
-            let t = tk.next()?;
-            let line = tk.line();
-            if is_punct(&t, '}') {
-                return Ok(out);
-            }
-            if is_kw(&t, "become-primary-on") {
-                res.become_primary_on = self.parse_hosts(tk, ';')?;
-                continue;
-            }
-            if is_kw(&t, "stacked-timeouts") {
-                res.stacked_timeouts = true;
-                self.expect_punct(tk, ';')?;
-                continue;
-            }
-            match option_of(&t).map(|i| (i, Section::Startup.accepts(i))) {
-                Some((info, Accept::Flag)) => {
-                    let v = tk.next()?;
-                    if is_kw(&v, "yes") || is_kw(&v, "no") {
-                        out.push(Opt::new(info.name, &v.text));
-                    } else if is_punct(&v, ';') {
-                        out.push(Opt::new(info.name, "yes"));
-                        continue;
-                    } else {
-                        return Err(self.expected(tk, "yes | no | ;"));
-                    }
-                }
-                Some((info, Accept::Value)) => {
-                    let v = self.expect_value(tk)?;
-                    self.range_check(info, info.name, &v, line)?;
-                    out.push(Opt::new(info.name, &v));
-                }
-                Some((_, Accept::Ignored)) => {
-                    self.expect_value(tk)?;
-                }
-                _ => {
-                    return Err(self.expected(
-                        tk,
-                        "<an option keyword> | become-primary-on | stacked-timeouts",
-                    ))
-                }
-            }
-            self.expect_punct(tk, ';')?;
         }
     }
 
