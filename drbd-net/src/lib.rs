@@ -1,4 +1,15 @@
-//! `drbd-net` will hold the runtime side of replication: the DRBD 8.4 wire codec (h80, h95 and
-//! h100 headers and every packet of the two-node protocol), the connection handshake (two TCP
-//! sockets, feature negotiation, cram-hmac), the tokio transport, and the disk engines behind
-//! one trait (io_uring on a dedicated thread, with a thread-pool fallback).
+//! `drbd-net` is the runtime side of replication.
+//!
+//! * [`wire`]: the DRBD 8.4 wire codec: h80, h95 and h100 headers, every packet of the
+//!   two-node protocol with a typed payload, an incremental decoder that checks each
+//!   command's length limits as soon as a header is complete, and the RLE/VLI bitmap code of
+//!   the bitmap exchange.
+//!
+//! Still to come: the connection handshake (two TCP sockets, feature negotiation,
+//! cram-hmac), the tokio transport, and the disk engines behind one trait (io_uring on a
+//! dedicated thread, with a thread-pool fallback).
+
+pub mod capture;
+pub mod handshake;
+pub mod transport;
+pub mod wire;
