@@ -312,26 +312,36 @@ fn tshark_fields(file: &Path, filter: &str, field: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wireshark_decodes_our_handshake_and_pings() {
-    if !is_root() || !have("tcpdump") || !have("tshark") {
-        return skip("needs root, tcpdump and tshark to capture on loopback");
+    if !is_root() || !have("tshark") {
+        return skip("needs root and tshark to capture on loopback");
     }
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("loopback.pcap");
     let (pa, pb) = (free_port(), free_port());
-    let mut dump = Proc::new("tcpdump")
-        .args(["-i", "lo", "-U", "-s", "0", "-w"])
-        .arg(&file)
+    // tshark captures (classic pcap, so that our own reader can check the same file).
+    let mut dump = Proc::new("tshark")
+        .args(["-i", "lo", "-F", "pcap", "-f"])
         .arg(format!("tcp port {pa} or tcp port {pb}"))
+        .arg("-w")
+        .arg(&file)
         .stderr(Stdio::piped())
         .spawn()
-        .expect("tcpdump starts");
-    // tcpdump says "listening on lo" once the capture runs.
+        .expect("tshark starts");
+    // tshark says "Capturing on ..." once the capture runs.
     {
         use std::io::BufRead;
         let err = dump.stderr.take().unwrap();
+        let mut reader = std::io::BufReader::new(err);
         let mut line = String::new();
-        std::io::BufReader::new(err).read_line(&mut line).unwrap();
-        assert!(line.contains("listening"), "tcpdump: {line}");
+        while reader.read_line(&mut line).unwrap() > 0 && !line.contains("Capturing on") {
+            line.clear();
+        }
+        assert!(
+            line.contains("Capturing on"),
+            "tshark did not start capturing"
+        );
+        // Keep draining its stderr so that it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
     }
     let capture = Capture(dump);
     let mut a = Connection::spawn(node("alpha", pa, pb, Some("wireshark")))
