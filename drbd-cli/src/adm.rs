@@ -242,11 +242,19 @@ fn load_config(args: &Args, io: &mut Io) -> Result<Config, i32> {
             }
         },
         None => {
+            // The first default that exists is used; one that exists but cannot be read is
+            // an error, not a reason to try the next.
             let found = DEFAULT_CONFIGS
                 .iter()
-                .find_map(|f| std::fs::read_to_string(f).ok().map(|t| (f.to_string(), t)));
+                .find(|f| std::path::Path::new(f).exists());
             match found {
-                Some(x) => x,
+                Some(f) => match std::fs::read_to_string(f) {
+                    Ok(t) => (f.to_string(), t),
+                    Err(e) => {
+                        let _ = writeln!(io.stderr, "Can not open '{f}': {e}");
+                        return Err(E_CONFIG_INVALID);
+                    }
+                },
                 None => {
                     let _ = writeln!(
                         io.stderr,
@@ -315,7 +323,14 @@ fn cmd_dump(cfg: &Config, args: &Args, io: &mut Io) -> i32 {
         return 0;
     }
     for name in &args.resources {
-        let Some(r) = find_resource(cfg, name) else {
+        let spec = match parse_res_spec(name) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = writeln!(io.stderr, "{e}");
+                return E_USAGE;
+            }
+        };
+        let Some(r) = find_resource(cfg, spec.name) else {
             let _ = writeln!(
                 io.stderr,
                 "'{name}' not defined in your config (for this host)."
@@ -331,8 +346,32 @@ fn cmd_dump(cfg: &Config, args: &Args, io: &mut Io) -> i32 {
 }
 
 /// A resource of this node by name, or by `minor-N` / `N`.
+/// A command-line resource argument: `RES`, `RES/VNR`, `minor-N` or `N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ResSpec<'a> {
+    pub name: &'a str,
+    /// The volume, when one was named.
+    pub volume: Option<u32>,
+}
+
+/// Splits `RES/VNR`; a volume that is not a number is an error, not "all volumes".
+pub(crate) fn parse_res_spec(spec: &str) -> Result<ResSpec<'_>, String> {
+    match spec.split_once('/') {
+        None => Ok(ResSpec {
+            name: spec,
+            volume: None,
+        }),
+        Some((name, v)) => match v.parse::<u32>() {
+            Ok(n) => Ok(ResSpec {
+                name,
+                volume: Some(n),
+            }),
+            Err(_) => Err(format!("'{spec}': '{v}' is not a volume number")),
+        },
+    }
+}
+
 pub(crate) fn find_resource<'c>(cfg: &'c Config, name: &str) -> Option<&'c config::Resource> {
-    let name = name.split('/').next().unwrap_or(name);
     if let Some(r) = cfg
         .resources
         .iter()
@@ -341,15 +380,23 @@ pub(crate) fn find_resource<'c>(cfg: &'c Config, name: &str) -> Option<&'c confi
         return Some(r);
     }
     let minor: u32 = name.strip_prefix("minor-").unwrap_or(name).parse().ok()?;
-    cfg.resources.iter().filter(|r| !r.ignored()).find(|r| {
-        let me = &r.hosts[r.me.expect("not ignored")];
-        me.volumes.iter().any(|v| v.minor == Some(minor))
+    cfg.resources.iter().find(|r| {
+        r.me.is_some_and(|me| r.hosts[me].volumes.iter().any(|v| v.minor == Some(minor)))
     })
 }
 
 /// Entry point of the `drbdadm` binary.
 pub fn main_with_env() -> i32 {
-    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut argv = Vec::new();
+    for a in std::env::args_os().skip(1) {
+        match a.into_string() {
+            Ok(s) => argv.push(s),
+            Err(bad) => {
+                eprintln!("drbdadm: argument {bad:?} is not valid UTF-8");
+                return E_USAGE;
+            }
+        }
+    }
     let stdout = std::io::stdout();
     let stderr = std::io::stderr();
     let interactive = std::io::stdin().is_terminal() && stdout.is_terminal();

@@ -3,7 +3,7 @@
 
 use drbd_core::config::{model, Config};
 
-use crate::adm::{find_resource, Args, Io, E_CONFIG_INVALID, E_USAGE};
+use crate::adm::{find_resource, parse_res_spec, Args, Io, E_CONFIG_INVALID, E_USAGE};
 pub use crate::meta_cmd::MetaCommand;
 use crate::meta_cmd::{self, MetaTarget};
 
@@ -27,9 +27,12 @@ pub fn cmd_meta(cfg: &Config, args: &Args, cmd: &MetaCommand, io: &mut Io) -> i3
     };
     let mut rv = 0;
     for spec in &names {
-        let (name, vnr) = match spec.split_once('/') {
-            Some((n, v)) => (n, v.parse::<u32>().ok()),
-            None => (spec.as_str(), None),
+        let (name, vnr) = match parse_res_spec(spec) {
+            Ok(s) => (s.name, s.volume),
+            Err(e) => {
+                let _ = writeln!(io.stderr, "{e}");
+                return E_USAGE;
+            }
         };
         let Some(res) = find_resource(cfg, name) else {
             let _ = writeln!(
@@ -45,6 +48,12 @@ pub fn cmd_meta(cfg: &Config, args: &Args, cmd: &MetaCommand, io: &mut Io) -> i3
                 return E_CONFIG_INVALID;
             }
         };
+        if let Some(n) = vnr {
+            if !m.volumes.iter().any(|v| v.vnr == n) {
+                let _ = writeln!(io.stderr, "'{spec}': resource {name} has no volume {n}");
+                return E_USAGE;
+            }
+        }
         for v in m.volumes.iter().filter(|v| vnr.is_none_or(|n| n == v.vnr)) {
             let target = MetaTarget {
                 minor: v.minor,

@@ -94,7 +94,8 @@ fn interface_addresses() -> Option<Vec<IpAddr>> {
             let Some(hex) = line.split_whitespace().next() else {
                 continue;
             };
-            if hex.len() != 32 {
+            // 32 hex digits; anything else (including non-ASCII text) is not an address line.
+            if hex.len() != 32 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
                 continue;
             }
             let mut bytes = [0u8; 16];

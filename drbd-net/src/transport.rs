@@ -67,8 +67,14 @@ pub enum ConnState {
 pub enum ConnectError {
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
-    #[error("protocol error: {0}")]
-    Wire(#[from] WireError),
+    #[error("protocol error on the {socket} socket at byte {offset}: {error}")]
+    Wire {
+        socket: &'static str,
+        offset: u64,
+        error: WireError,
+    },
+    #[error("cannot encode: {0}")]
+    Encode(#[from] WireError),
     #[error("handshake: {0}")]
     Handshake(#[from] HandshakeError),
     #[error("peer closed the {0} socket")]
@@ -95,6 +101,15 @@ pub struct Connection {
 impl Connection {
     /// Binds the listening socket and starts connecting in the background.
     pub async fn spawn(cfg: PeerConfig) -> std::io::Result<Connection> {
+        cfg.keepalive
+            .validate()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        if cfg.connect_int.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "connect-int must be positive",
+            ));
+        }
         let listener = bind(cfg.local)?;
         let (tx, rx) = watch::channel(ConnState::WfConnection);
         let task = tokio::spawn(run(Arc::new(cfg), listener, tx));
@@ -269,10 +284,10 @@ async fn establish_sockets(
                         volume: 0,
                         packet: cmd,
                     };
-                    let s = sockets
-                        .iter_mut()
-                        .find(|p| p.id == id)
-                        .expect("socket of an action exists");
+                    // The socket was added just before the action that names it.
+                    let Some(s) = sockets.iter_mut().find(|p| p.id == id) else {
+                        continue;
+                    };
                     if let Err(e) =
                         write_frame(&mut s.stream, &frame, &WireContext::default()).await
                     {
@@ -296,11 +311,12 @@ async fn establish_sockets(
                     tokio::time::sleep(cfg.keepalive.ping_timeout).await;
                     let mut dead = Vec::new();
                     for id in [data, meta] {
-                        let s = sockets
-                            .iter()
-                            .find(|p| p.id == id)
-                            .expect("role sockets exist");
-                        if !is_open(&s.stream).await {
+                        // A socket whose initial packet could not be sent is already gone.
+                        let open = match sockets.iter().find(|p| p.id == id) {
+                            Some(s) => is_open(&s.stream).await,
+                            None => false,
+                        };
+                        if !open {
                             dead.push(id);
                         }
                     }
@@ -411,7 +427,15 @@ impl FramedRead {
 
     async fn next(&mut self) -> Result<Frame, ConnectError> {
         loop {
-            if let Some(f) = self.decoder.decode(&mut self.buf)? {
+            let decoded =
+                self.decoder
+                    .decode(&mut self.buf)
+                    .map_err(|error| ConnectError::Wire {
+                        socket: self.name,
+                        offset: self.decoder.consumed(),
+                        error,
+                    })?;
+            if let Some(f) = decoded {
                 return Ok(f);
             }
             self.buf.reserve(READ_CHUNK);
@@ -486,13 +510,24 @@ async fn keep_alive(
             }
             _ = tokio::time::sleep_until(deadline) => ka.poll(now()),
         };
+        // A meta-socket send that cannot complete within `timeout` ends the connection at
+        // once: the meta socket carries only small packets, so a full send buffer there means
+        // the peer stopped reading.
+        let reply = match action {
+            Some(KeepAliveAction::SendPing) => Some(Packet::Ping),
+            Some(KeepAliveAction::SendPingAck) => Some(Packet::PingAck),
+            _ => None,
+        };
+        if let Some(p) = reply {
+            tokio::time::timeout(
+                cfg.keepalive.timeout,
+                write_frame(&mut meta.stream, &ping(p), &ctx),
+            )
+            .await
+            .map_err(|_| ConnectError::Timeout("meta socket send timed out"))??;
+        }
         match action {
-            Some(KeepAliveAction::SendPing) => {
-                write_frame(&mut meta.stream, &ping(Packet::Ping), &ctx).await?
-            }
-            Some(KeepAliveAction::SendPingAck) => {
-                write_frame(&mut meta.stream, &ping(Packet::PingAck), &ctx).await?
-            }
+            Some(KeepAliveAction::SendPing | KeepAliveAction::SendPingAck) => {}
             Some(KeepAliveAction::Fail(why)) => return Err(ConnectError::Timeout(why)),
             None => {}
         }

@@ -2,8 +2,8 @@
 //! reports its version.
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    match args.next().as_deref() {
+    let mut args = std::env::args_os().skip(1);
+    match args.next().as_ref().map(|a| a.to_string_lossy()).as_deref() {
         None | Some("--version") | Some("-V") => {
             println!("drbdd {}", env!("CARGO_PKG_VERSION"));
         }

@@ -177,9 +177,10 @@ impl<'a> Lexer<'a> {
         if best == 0 {
             // Anything else is one character of its own. `pos` always sits on a character
             // boundary: it only ever advances over ASCII classes or whole characters.
-            let ch = std::str::from_utf8(rest)
-                .ok()
-                .and_then(|s| s.chars().next())
+            // A character is at most four bytes: decode only those, not the rest of the file.
+            let ch = String::from_utf8_lossy(&rest[..rest.len().min(4)])
+                .chars()
+                .next()
                 .unwrap_or(char::REPLACEMENT_CHARACTER);
             self.pos += ch.len_utf8();
             return Ok(self.token(TokenKind::Else, ch.to_string()));

@@ -8,7 +8,7 @@
 
 use std::fmt;
 
-use super::options::{self, parse_scaled, Class, Scale};
+use super::options::{self, parse_scaled, Class};
 use super::{Address, Config, HostKind, Opt};
 
 /// Why a resource cannot be used as configured.
@@ -184,13 +184,12 @@ impl ResourceModel {
     }
 
     /// A numeric option in its own unit (KiB for rates, sectors for sizes, tenths of a second
-    /// for `timeout`, ...).
-    pub fn number(&self, name: &str) -> u64 {
-        let info = options::lookup(name).expect("numeric options are in the table");
-        let scale = info.range.map_or(Scale::One, |r| r.scale);
-        let v = self.value(name).expect("numeric options have defaults");
-        // check() has verified every numeric value, so this cannot fail for a built model.
-        parse_scaled(&v, scale).expect("checked when the model was built")
+    /// for `timeout`, ...). None for an option that is not numeric or has no value.
+    pub fn number(&self, name: &str) -> Option<u64> {
+        let info = options::lookup(name)?;
+        let range = info.range?;
+        let v = self.value(name)?;
+        parse_scaled(&v, range.scale).ok()
     }
 
     /// A yes/no option.

@@ -720,7 +720,8 @@ impl<'a> Parser<'a> {
                     }
                 }
                 Some((info, Accept::NoFlag)) => {
-                    out.push(Opt::new(&info.name[3..], "no"));
+                    let name = info.name.strip_prefix("no-").unwrap_or(info.name);
+                    out.push(Opt::new(name, "no"));
                 }
                 Some((info, Accept::Value)) => {
                     let name = info.canonical.unwrap_or(info.name);
@@ -1570,7 +1571,6 @@ impl<'a> Parser<'a> {
 
     fn validate(&mut self) {
         let interactive = self.opts.interactive;
-        let node = self.opts.node.clone();
         let known: Vec<(String, bool)> = self
             .config
             .resources
@@ -1678,7 +1678,6 @@ impl<'a> Parser<'a> {
                     }
                 }
             }
-            let _ = &node;
         }
     }
 }
@@ -1705,10 +1704,7 @@ impl Section {
     fn accepts(self, info: &OptInfo) -> Accept {
         use Class::*;
         match (self, info.class) {
-            (_, Deprecated) => match self {
-                Section::Handlers | Section::Options => Accept::Ignored,
-                _ => Accept::Ignored,
-            },
+            (_, Deprecated) => Accept::Ignored,
             (Section::Disk, DiskFlag)
             | (Section::Net, NetFlag)
             | (Section::Startup, StartupFlag) => Accept::Flag,

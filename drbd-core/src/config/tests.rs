@@ -100,12 +100,14 @@ fn classic_dual_primary_resource() {
         Some("discard-secondary")
     );
     // Inherited from common, converted to KiB.
-    assert_eq!(m.number("resync-rate"), 1 << 20);
-    assert_eq!(m.number("al-extents"), 127);
+    assert_eq!(m.number("resync-rate"), Some(1 << 20));
+    assert_eq!(m.number("al-extents"), Some(127));
     // Defaults fill in the rest.
-    assert_eq!(m.number("max-buffers"), 2048);
-    assert_eq!(m.number("timeout"), 60);
+    assert_eq!(m.number("max-buffers"), Some(2048));
+    assert_eq!(m.number("timeout"), Some(60));
     assert_eq!(m.value("on-congestion").as_deref(), Some("block"));
+    assert_eq!(m.number("protocol"), None, "not numeric");
+    assert_eq!(m.number("no-such-option"), None);
     assert_eq!(
         m.handler("split-brain").as_deref(),
         Some("/usr/lib/drbd/notify-split-brain.sh root")

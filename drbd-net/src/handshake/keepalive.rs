@@ -62,9 +62,23 @@ pub struct KeepAlive {
     failed: bool,
 }
 
+impl KeepAliveConfig {
+    /// Checks what the timing logic relies on: positive intervals.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.ping_int.is_zero() || self.ping_timeout.is_zero() || self.timeout.is_zero() {
+            return Err(format!(
+                "ping-int, ping-timeout and timeout must be positive: {self:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl KeepAlive {
+    /// `cfg` must pass [`KeepAliveConfig::validate`].
     pub fn new(cfg: KeepAliveConfig, now: Duration) -> Self {
-        assert!(cfg.ping_int > Duration::ZERO && cfg.ping_timeout > Duration::ZERO);
+        // Zero intervals would make every deadline expire at once: callers validate first.
+        assert!(cfg.validate().is_ok(), "keep-alive settings not validated");
         KeepAlive {
             cfg,
             meta_seen: now,
@@ -118,10 +132,11 @@ impl KeepAlive {
     /// The latest time by which [`KeepAlive::poll`] must be called.
     pub fn next_deadline(&self) -> Duration {
         let mut d = match self.ping_sent {
-            Some(sent) => sent + self.cfg.ping_timeout,
+            // Like a receive timeout: anything arriving on the meta socket restarts it.
+            Some(sent) => sent.max(self.meta_seen) + self.cfg.ping_timeout,
             None => self.meta_seen.max(self.data_seen) + self.cfg.ping_int,
         };
-        if let Some(b) = self.send_blocked {
+        if let (Some(b), true) = (self.send_blocked, self.cfg.ko_count > 0) {
             d = d.min(b + self.cfg.timeout);
         }
         d
@@ -149,9 +164,9 @@ impl KeepAlive {
         }
         match self.ping_sent {
             Some(sent) => {
-                // Anything on the meta socket since the ping counts as the answer being on
-                // its way; silence for ping-timeout does not.
-                if now >= sent + self.cfg.ping_timeout && self.meta_seen < sent {
+                // The meta socket must not stay silent for ping-timeout while a ping is
+                // outstanding; other packets restart the wait but do not replace the ack.
+                if now >= sent.max(self.meta_seen) + self.cfg.ping_timeout {
                     self.failed = true;
                     return Some(KeepAliveAction::Fail("PingAck did not arrive in time"));
                 }
@@ -222,6 +237,63 @@ mod tests {
             k.on_meta_packet(s(18.1), true, false),
             Some(KeepAliveAction::SendPingAck)
         );
+    }
+
+    #[test]
+    fn other_meta_traffic_postpones_but_does_not_replace_the_ack() {
+        let mut k = KeepAlive::new(cfg(), s(0.0));
+        assert_eq!(k.poll(s(10.0)), Some(KeepAliveAction::SendPing));
+        // The peer pings us instead of answering: that restarts the wait...
+        assert_eq!(
+            k.on_meta_packet(s(10.3), true, false),
+            Some(KeepAliveAction::SendPingAck)
+        );
+        assert_eq!(k.next_deadline(), s(10.8));
+        assert_eq!(k.poll(s(10.6)), None);
+        // ...but silence afterwards still fails the connection, and the deadline never
+        // lies in the past while waiting (no busy loop).
+        assert_eq!(
+            k.poll(s(10.8)),
+            Some(KeepAliveAction::Fail("PingAck did not arrive in time"))
+        );
+    }
+
+    #[test]
+    fn deadlines_are_always_ahead_after_poll() {
+        let mut k = KeepAlive::new(
+            KeepAliveConfig {
+                ko_count: 0,
+                ..cfg()
+            },
+            s(0.0),
+        );
+        k.on_send_waiting(s(0.0));
+        let mut now = s(0.0);
+        for step in 0..200 {
+            now += s(0.05);
+            if step % 7 == 0 {
+                k.on_meta_packet(now, false, step % 14 == 0);
+            }
+            if let Some(KeepAliveAction::Fail(_)) = k.poll(now) {
+                break;
+            }
+            assert!(
+                k.next_deadline() > now,
+                "deadline {:?} not after {now:?}",
+                k.next_deadline()
+            );
+        }
+    }
+
+    #[test]
+    fn zero_intervals_are_refused() {
+        assert!(KeepAliveConfig {
+            ping_int: Duration::ZERO,
+            ..cfg()
+        }
+        .validate()
+        .is_err());
+        assert!(cfg().validate().is_ok());
     }
 
     #[test]

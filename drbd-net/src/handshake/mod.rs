@@ -25,8 +25,8 @@ pub use roles::{FirstPacket, RoleAction, SocketId, SocketRoles};
 use bytes::Bytes;
 
 use crate::wire::{
-    self, ConnectionFeatures, Frame, HeaderKind, Packet, ProtocolPacket, Sizes, State, SyncParam,
-    Uuids, WireContext,
+    self, ConnectionFeatures, Frame, Packet, ProtocolPacket, Sizes, State, SyncParam, Uuids,
+    WireContext,
 };
 
 /// Lowest protocol version we speak (DRBD 8.4's minimum).
@@ -37,8 +37,6 @@ pub const PROTOCOL_MAX: u32 = 101;
 pub const FEATURES: u32 = 0xf;
 /// Length of a cram-hmac challenge we send.
 pub const CHALLENGE_LEN: usize = 64;
-/// Longest peer challenge accepted (DRBD 8.4 accepts 64..128 bytes).
-pub const CHALLENGE_LEN_MAX: usize = 128;
 
 /// Wire values of the after-split-brain policies.
 pub mod asb {
@@ -108,10 +106,7 @@ pub const DEFAULT_QUEUE_LIMITS: wire::QueueLimits = wire::QueueLimits {
     pad: 0,
 };
 
-/// `conn_flags` of P_PROTOCOL.
-pub const CF_DISCARD_MY_DATA: u32 = 1;
-/// `conn_flags` of P_PROTOCOL: the peer only wants to see what a connect would do.
-pub const CF_DRY_RUN: u32 = 2;
+pub use crate::wire::{CF_DISCARD_MY_DATA, CF_DRY_RUN};
 
 /// Connection-level parameters sent in P_PROTOCOL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -189,8 +184,6 @@ pub enum HandshakeError {
     },
     #[error("peer presented the same challenge as ours (reflection)")]
     ReflectedChallenge,
-    #[error("peer's challenge has a bad length ({0} bytes)")]
-    BadChallenge(usize),
     #[error("authentication of peer failed")]
     AuthFailed,
     #[error("authentication failed: expected {expected} but received {got} (is cram-hmac-alg set on both sides?)")]
@@ -202,6 +195,8 @@ pub enum HandshakeError {
     AuthNotConfigured,
     #[error("incompatible {0}")]
     Incompatible(&'static str),
+    #[error("data-integrity-alg '{0}' is not supported")]
+    UnsupportedIntegrityAlg(String),
     #[error("peer describes volume {0}, which we do not have")]
     UnknownVolume(u16),
 }
@@ -297,29 +292,9 @@ impl Handshake {
     }
 
     fn send(&mut self, volume: u16, packet: Packet) {
-        let mut probe = bytes::BytesMut::new();
-        // The header depends on the payload size for versions 95..99; measure it once.
-        let kind = if self.ctx.protocol_version == 0 {
-            HeaderKind::H80
-        } else {
-            let len = wire::encode(
-                &Frame {
-                    kind: HeaderKind::H100,
-                    volume,
-                    packet: packet.clone(),
-                },
-                &self.ctx,
-                &mut probe,
-            )
-            .map(|_| probe.len().saturating_sub(16))
-            .unwrap_or(0);
-            wire::header_kind_for(self.ctx.protocol_version, len)
-        };
-        self.outbox.push_back(Frame {
-            kind,
-            volume,
-            packet,
-        });
+        // Before features are agreed (version 0) this picks h80, as the kernel does.
+        self.outbox
+            .push_back(Frame::for_context(&self.ctx, volume, packet));
     }
 
     fn fail(&mut self, e: HandshakeError) -> Result<Progress, HandshakeError> {
@@ -360,10 +335,6 @@ impl Handshake {
                 let Some(auth) = &self.cfg.auth else {
                     return self.fail(HandshakeError::AuthNotConfigured);
                 };
-                if peer_challenge.len() < CHALLENGE_LEN || peer_challenge.len() > CHALLENGE_LEN_MAX
-                {
-                    return self.fail(HandshakeError::BadChallenge(peer_challenge.len()));
-                }
                 // A peer that echoes our own challenge would make us compute its answer.
                 if peer_challenge[..] == self.challenge[..] {
                     return self.fail(HandshakeError::ReflectedChallenge);
@@ -408,8 +379,18 @@ impl Handshake {
                 if let Err(e) = self.check_protocol(&peer) {
                     return self.fail(e);
                 }
-                self.ctx.integrity_digest_len = auth::digest_len(&peer.integrity_alg).unwrap_or(0);
+                // Both sides agreed on the algorithm (checked above); without its digest
+                // length no data packet could be decoded.
+                let Some(len) = auth::digest_len(&peer.integrity_alg) else {
+                    let alg = peer.integrity_alg.clone();
+                    return self.fail(HandshakeError::UnsupportedIntegrityAlg(alg));
+                };
+                self.ctx.integrity_digest_len = len;
                 self.peer_protocol = Some(peer);
+                if self.cfg.volumes.is_empty() {
+                    // Nothing more to wait for.
+                    return self.complete();
+                }
                 Ok(Progress::Agreed(self.ctx))
             }
             (Phase::Params, packet) if self.peer_protocol.is_some() => {
@@ -434,6 +415,11 @@ impl Handshake {
                     }
                 }
                 self.complete()
+            }
+            // The peer authenticates, we have no secret: a configuration mismatch, as final
+            // as a wrong secret.
+            (Phase::Params, Packet::AuthChallenge(_)) => {
+                self.fail(HandshakeError::AuthNotConfigured)
             }
             (Phase::Params, other) => self.unexpected("P_PROTOCOL", &other),
             (Phase::Done | Phase::Failed, other) => {

@@ -153,7 +153,8 @@ fn auth_on_one_side_only_fails() {
         ra.unwrap_err(),
         HandshakeError::AuthUnexpected { .. }
     ));
-    assert!(matches!(rb.unwrap_err(), HandshakeError::Unexpected { .. }));
+    assert_eq!(rb.unwrap_err(), HandshakeError::AuthNotConfigured);
+    assert!(!HandshakeError::AuthNotConfigured.retry());
 }
 
 #[test]
@@ -216,5 +217,33 @@ fn discard_local_matches_peers_discard_remote() {
     assert_eq!(
         ra.unwrap_err(),
         HandshakeError::Incompatible("both sides have the discard-my-data flag set")
+    );
+}
+
+#[test]
+fn a_connection_without_volumes_completes_after_p_protocol() {
+    let mut a = config(None);
+    a.volumes.clear();
+    let b = a.clone();
+    let (ra, rb) = run(
+        &mut Handshake::new(a, [1; 64]),
+        &mut Handshake::new(b, [2; 64]),
+    );
+    assert!(ra.unwrap().is_some_and(|p| p.volumes.is_empty()));
+    assert!(rb.unwrap().is_some());
+}
+
+#[test]
+fn an_unknown_integrity_algorithm_is_refused_not_misparsed() {
+    let mut a = config(None);
+    a.protocol.integrity_alg = "whirlpool".into();
+    let b = a.clone();
+    let (ra, _) = run(
+        &mut Handshake::new(a, [1; 64]),
+        &mut Handshake::new(b, [2; 64]),
+    );
+    assert_eq!(
+        ra.unwrap_err(),
+        HandshakeError::UnsupportedIntegrityAlg("whirlpool".into())
     );
 }
