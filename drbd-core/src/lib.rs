@@ -7,6 +7,9 @@
 //!   printer behind `drbdadm dump`.
 //! * [`meta`]: the v08 on-disk metadata format (superblock, activity-log ring, bitmap area and
 //!   their placement), byte-compatible with what `drbdmeta` writes.
+//! * [`uuid`]: the data generation UUIDs and their transitions (promotion, resync start and
+//!   end, `new-current-uuid`), DRBD 8.4's UUID comparison with its rule numbers, and the sync
+//!   handshake with the after-split-brain and `rr-conflict` policies.
 //!
 //! Inputs come in as bytes or values and results go out as values: the callers (the CLI and the
 //! daemon) do the I/O. The crate has no `unsafe` code, no tokio, no sockets, no clock reads and
@@ -15,3 +18,4 @@
 
 pub mod config;
 pub mod meta;
+pub mod uuid;

@@ -5,7 +5,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | la_size_sect: last agreed device size in sectors |
-//! | 8 | 32 | uuid[4]: current, bitmap, history[0], history[1] |
+//! | 8 | 32 | `uuid[4]`: current, bitmap, `history[0]`, `history[1]` |
 //! | 40 | 8 | device_uuid |
 //! | 48 | 8 | reserved |
 //! | 56 | 4 | flags (`MDF_*`) |
