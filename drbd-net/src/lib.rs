@@ -10,6 +10,8 @@
 //! dedicated thread, with a thread-pool fallback).
 
 pub mod capture;
+pub mod disk;
 pub mod handshake;
+pub mod nbd;
 pub mod transport;
 pub mod wire;

@@ -3,15 +3,17 @@
 //!
 //! Exit status: 0 when every DRBD packet decoded; 1 when a DRBD stream could not be decoded
 //! (the message names the stream, direction, byte offset and reason), when the file cannot
-//! be read or is not a pcap file, or (with `--strict`) when the capture misses bytes of a
-//! DRBD stream; 2 for bad arguments.
+//! be read or is not a pcap file, when the output cannot be written, or (with `--strict`)
+//! when the capture misses bytes of a DRBD stream; 2 for bad arguments. When the reader of
+//! the output goes away (a broken pipe, as in `drbd-wiredump x.pcap | head`), the program
+//! stops quietly with status 0.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use drbd_net::capture::{analyze_file, summary, AnalyzeOptions, Notice};
+use drbd_net::capture::{pcap, summary, AnalyzeOptions, Notice, RecordStream};
 
 const USAGE: &str = "\
 usage: drbd-wiredump [OPTIONS] FILE.pcap[.gz]
@@ -29,11 +31,13 @@ with feature flags 0xf and no data-integrity digest.
 options:
   --counts     after the packets, print the number of packets per command
   --strict     exit 1 also when bytes of a DRBD stream are missing from the capture (a gap,
-               a packet cut off at the end, or a file cut short)
+               a packet cut off at the end, a file cut short, or more TCP connections than
+               are tracked)
   -h, --help   print this help
 
-exit status: 0 all DRBD packets decoded; 1 a DRBD stream could not be decoded, or the file
-is unreadable or not a pcap file; 2 bad arguments.
+exit status: 0 all DRBD packets decoded (or the output pipe was closed); 1 a DRBD stream
+could not be decoded, the file is unreadable or not a pcap file, or the output cannot be
+written; 2 bad arguments.
 ";
 
 struct Args {
@@ -78,76 +82,100 @@ fn parse_args() -> Result<Parsed, String> {
     }
 }
 
+/// Writes one line to stderr. When stderr itself cannot be written there is nowhere left to
+/// report that, so the error is dropped (where `eprintln!` would panic).
+fn stderr_line(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(io::stderr().lock(), "{line}");
+}
+
+/// A diagnostic on stderr, prefixed with the program name.
+fn warn(msg: std::fmt::Arguments<'_>) {
+    stderr_line(format_args!("drbd-wiredump: {msg}"));
+}
+
 fn main() -> ExitCode {
+    match run() {
+        Ok(status) => status,
+        // The reader went away (`drbd-wiredump x.pcap | head`): stop quietly, as other
+        // filters do; what it did read was correct.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            warn(format_args!("cannot write the output: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Does the work; `Err` only for a failure to write to stdout.
+fn run() -> io::Result<ExitCode> {
     let args = match parse_args() {
         Ok(Parsed::Run(a)) => a,
         Ok(Parsed::Help) => {
-            print!("{USAGE}");
-            return ExitCode::SUCCESS;
+            let mut out = io::stdout().lock();
+            out.write_all(USAGE.as_bytes())?;
+            out.flush()?;
+            return Ok(ExitCode::SUCCESS);
         }
         Err(msg) => {
-            eprintln!("drbd-wiredump: {msg}");
-            eprintln!("usage: drbd-wiredump [--counts] [--strict] FILE.pcap[.gz] (see --help)");
-            return ExitCode::from(2);
+            warn(format_args!("{msg}"));
+            stderr_line(format_args!(
+                "usage: drbd-wiredump [--counts] [--strict] FILE.pcap[.gz] (see --help)"
+            ));
+            return Ok(ExitCode::from(2));
         }
     };
     let name = args.path.display().to_string();
-    let analysis = match analyze_file(&args.path, AnalyzeOptions::default()) {
-        Ok(a) => a,
+    let reader = match pcap::open(&args.path) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("drbd-wiredump: {name}: {e}");
-            return ExitCode::FAILURE;
+            warn(format_args!("{name}: {e}"));
+            return Ok(ExitCode::FAILURE);
         }
     };
-    let stdout = io::stdout();
-    let mut out = BufWriter::new(stdout.lock());
-    let mut write_ok = true;
-    for r in &analysis.records {
-        if writeln!(out, "{}", summary::format_record(r)).is_err() {
-            write_ok = false;
-            break;
+    // Records are printed as they become final, not collected: memory stays bounded on
+    // long captures.
+    let mut records = RecordStream::new(reader, AnalyzeOptions::default());
+    let mut out = BufWriter::new(io::stdout().lock());
+    let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for r in &mut records {
+        writeln!(out, "{}", summary::format_record(&r))?;
+        *counts.entry(r.decoded.packet.command().name()).or_insert(0) += 1;
+    }
+    let analysis = records.finish();
+    if args.counts {
+        for (name, n) in &counts {
+            writeln!(out, "count {name} {n}")?;
         }
     }
-    if write_ok && args.counts {
-        let counts: BTreeMap<_, _> = analysis.command_counts();
-        for (name, n) in counts {
-            if writeln!(out, "count {name} {n}").is_err() {
-                write_ok = false;
-                break;
-            }
-        }
-    }
-    if out.flush().is_err() {
-        write_ok = false;
-    }
+    out.flush()?;
     drop(out);
     let mut status = ExitCode::SUCCESS;
     let mut missing_bytes = false;
     for n in &analysis.notices {
-        eprintln!("drbd-wiredump: {name}: warning: {n}");
+        warn(format_args!("{name}: warning: {n}"));
         if matches!(
             n,
-            Notice::Stream { .. } | Notice::Truncated { .. } | Notice::Capture(_)
+            Notice::Stream { .. }
+                | Notice::Truncated { .. }
+                | Notice::Capture(_)
+                | Notice::StreamLimit { .. }
         ) {
             missing_bytes = true;
         }
     }
-    if analysis.records.is_empty() && analysis.failures.is_empty() {
-        eprintln!(
-            "drbd-wiredump: {name}: no DRBD traffic found ({} frames, {} TCP streams)",
+    if counts.is_empty() && analysis.failures.is_empty() {
+        warn(format_args!(
+            "{name}: no DRBD traffic found ({} frames, {} TCP streams)",
             analysis.frames,
             analysis.streams.len()
-        );
+        ));
     }
     for f in &analysis.failures {
-        eprintln!("drbd-wiredump: {name}: cannot decode {f}");
+        warn(format_args!("{name}: cannot decode {f}"));
         status = ExitCode::FAILURE;
     }
     if args.strict && missing_bytes {
         status = ExitCode::FAILURE;
     }
-    // A closed stdout (piped into `head`) is not an error of the capture: `write_ok` only
-    // stops the printing early.
-    let _ = write_ok;
-    status
+    Ok(status)
 }

@@ -22,8 +22,12 @@
 //! Each decoded packet becomes a [`DrbdRecord`], placed in capture order: the order of the
 //! frames whose TCP segment completed the packet (ties by stream, then offset). A frame that
 //! cannot be decoded stops its direction and is reported as a [`DecodeFailure`].
+//!
+//! [`analyze`] and [`analyze_file`] keep every record; [`RecordStream`] (or
+//! [`Analyzer::take_records`]) hands each one out as soon as its place in capture order is
+//! final, so that memory does not grow with the length of the capture.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Read;
 use std::net::IpAddr;
 use std::path::Path;
@@ -33,11 +37,11 @@ use thiserror::Error;
 
 use super::packet::parse_frame;
 use super::pcap::{self, LinkType, PcapReader, PcapRecord};
-use super::reassembly::{DirIndex, Direction, StreamIssue, TcpReassembler};
+use super::reassembly::{DirIndex, Direction, StreamIssue, TcpReassembler, MAX_STREAMS};
 use super::CaptureError;
 use crate::wire::{
-    ConnectionFeatures, Decoder, Frame, Header, Packet, WireContext, WireError, FF_THIN_RESYNC,
-    FF_TRIM, FF_WSAME, FF_WZEROES,
+    integrity_digest_len, ConnectionFeatures, Decoder, Frame, Header, Packet, WireContext,
+    WireError, FF_THIN_RESYNC, FF_TRIM, FF_WSAME, FF_WZEROES,
 };
 
 /// Most bytes a DRBD direction may hold undecoded. The largest legal packet is a `P_DATA`
@@ -47,28 +51,12 @@ use crate::wire::{
 /// to spare; more means the stream is not DRBD as we understand it.
 pub const MAX_UNDECODED_BYTES: usize = 4 * 1024 * 1024;
 
-/// Digest lengths of the data-integrity algorithms DRBD users configure (kernel crypto
-/// names as given to `data-integrity-alg`). The empty name means no integrity checking.
-pub const INTEGRITY_DIGEST_LENS: &[(&str, usize)] = &[
-    ("", 0),
-    ("crc32c", 4),
-    ("crc32", 4),
-    ("md4", 16),
-    ("md5", 16),
-    ("sha1", 20),
-    ("sha224", 28),
-    ("sha256", 32),
-    ("sha384", 48),
-    ("sha512", 64),
-];
-
-/// The digest length of a data-integrity algorithm, if known.
-pub fn integrity_digest_len(alg: &str) -> Option<usize> {
-    INTEGRITY_DIGEST_LENS
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(alg))
-        .map(|&(_, len)| len)
-}
+/// Most bytes all DRBD directions of a capture together may hold undecoded. Each direction is
+/// bounded by [`MAX_UNDECODED_BYTES`], but a capture may hold any number of them; a direction
+/// normally holds at most one partial packet (at most about 1 MiB), so 64 MiB is dozens of
+/// directions in the middle of a maximal packet at once. The direction whose bytes go past it
+/// stops with [`FailureReason::SharedBufferLimit`].
+pub const MAX_TOTAL_UNDECODED_BYTES: usize = 64 * 1024 * 1024;
 
 /// The context an in-kernel DRBD 8.4.11 pair agrees on (protocol 101, features TRIM,
 /// THIN_RESYNC, WSAME and WZEROES, no data-integrity algorithm), used for streams whose
@@ -114,7 +102,8 @@ pub struct DrbdRecord {
     pub decoded: Frame,
     /// The context it was decoded with (what re-encoding needs).
     pub context: WireContext,
-    /// The packet's bytes as captured: header and payload.
+    /// The packet's bytes as captured: header and payload. The same memory the payload
+    /// fields of `decoded` are sliced from, not a copy.
     pub raw: Bytes,
 }
 
@@ -138,6 +127,13 @@ pub enum FailureReason {
     /// Too many bytes arrived without a complete packet.
     #[error("more than {MAX_UNDECODED_BYTES} bytes buffered without a complete packet")]
     BufferLimit,
+    /// The undecoded bytes of all DRBD directions together went past
+    /// [`MAX_TOTAL_UNDECODED_BYTES`] with this direction's.
+    #[error(
+        "more than {MAX_TOTAL_UNDECODED_BYTES} bytes buffered without a complete packet \
+         across all DRBD streams of the capture"
+    )]
+    SharedBufferLimit,
 }
 
 /// A DRBD direction that stopped at a packet it could not decode.
@@ -202,6 +198,12 @@ pub enum Notice {
     },
     /// Reading the file stopped early (the last record is cut short, or a corrupt record).
     Capture(String),
+    /// The capture holds more than [`MAX_STREAMS`] TCP connections: from frame `frame` on,
+    /// segments of connections beyond them were ignored.
+    StreamLimit {
+        /// First frame whose segment was ignored.
+        frame: u64,
+    },
 }
 
 impl std::fmt::Display for Notice {
@@ -234,6 +236,11 @@ impl std::fmt::Display for Notice {
                 context.protocol_version, context.features, context.integrity_digest_len
             ),
             Notice::Capture(msg) => write!(f, "{msg}"),
+            Notice::StreamLimit { frame } => write!(
+                f,
+                "frame {frame}: more than {MAX_STREAMS} TCP connections in the capture; \
+                 connections beyond them are not decoded"
+            ),
         }
     }
 }
@@ -275,7 +282,8 @@ pub struct Analysis {
     pub skipped_frames: u64,
     /// Every TCP stream.
     pub streams: Vec<StreamSummary>,
-    /// Decoded DRBD packets in capture order.
+    /// Decoded DRBD packets in capture order (those a [`RecordStream`] or
+    /// [`Analyzer::take_records`] did not already hand out).
     pub records: Vec<DrbdRecord>,
     /// Directions that stopped at an undecodable packet.
     pub failures: Vec<DecodeFailure>,
@@ -299,22 +307,82 @@ pub fn analyze_file(path: &Path, options: AnalyzeOptions) -> Result<Analysis, Ca
     Ok(analyze(pcap::open(path)?, options))
 }
 
-/// Analyses a capture from an open reader. A read error part-way through ends the analysis
-/// there, reported as a [`Notice::Capture`].
-pub fn analyze<R: Read>(mut reader: PcapReader<R>, options: AnalyzeOptions) -> Analysis {
-    let link = reader.header().link_type;
-    let mut analyzer = Analyzer::new(link, options);
-    loop {
-        match reader.next_record() {
-            Ok(Some(rec)) => analyzer.push(&rec),
-            Ok(None) => break,
-            Err(e) => {
-                analyzer.notices.push(Notice::Capture(e.to_string()));
-                break;
-            }
+/// Analyses a capture from an open reader, keeping every record. A read error part-way
+/// through ends the analysis there, reported as a [`Notice::Capture`].
+pub fn analyze<R: Read>(reader: PcapReader<R>, options: AnalyzeOptions) -> Analysis {
+    RecordStream::new(reader, options).finish()
+}
+
+/// A capture analysed as it is read: an iterator over its DRBD records in capture order
+/// (the order [`analyze`] gives), each yielded as soon as no later frame can place a record
+/// before it. Only the records that cannot be placed yet are held (those after bytes that
+/// wait for handshake context), so memory does not grow with the length of the capture.
+///
+/// Once the iterator is exhausted, [`RecordStream::finish`] gives the rest of the analysis.
+/// A read error part-way through ends the capture there, reported as a
+/// [`Notice::Capture`].
+pub struct RecordStream<R: Read> {
+    reader: PcapReader<R>,
+    analyzer: Analyzer,
+    /// Records taken from the analyzer and not yet yielded, in capture order.
+    ready: VecDeque<DrbdRecord>,
+    /// Whether the end of the capture (or a read error) was reached.
+    ended: bool,
+}
+
+impl<R: Read> RecordStream<R> {
+    /// Starts the analysis of an open capture.
+    pub fn new(reader: PcapReader<R>, options: AnalyzeOptions) -> Self {
+        let analyzer = Analyzer::new(reader.header().link_type, options);
+        RecordStream {
+            reader,
+            analyzer,
+            ready: VecDeque::new(),
+            ended: false,
         }
     }
-    analyzer.finish()
+
+    /// Feeds the next frame to the analyzer, or concludes the analysis at the end of the
+    /// capture.
+    fn read_one(&mut self) {
+        match self.reader.next_record() {
+            Ok(Some(rec)) => return self.analyzer.push(&rec),
+            Ok(None) => {}
+            Err(e) => self.analyzer.notices.push(Notice::Capture(e.to_string())),
+        }
+        self.ended = true;
+        self.analyzer.conclude();
+    }
+
+    /// Reads the rest of the capture and returns the analysis. Its `records` are those the
+    /// iterator has not yielded (all of them if it was not used).
+    pub fn finish(mut self) -> Analysis {
+        while !self.ended {
+            self.read_one();
+        }
+        let mut analysis = self.analyzer.finish();
+        let mut records: Vec<DrbdRecord> = self.ready.into();
+        records.append(&mut analysis.records);
+        analysis.records = records;
+        analysis
+    }
+}
+
+impl<R: Read> Iterator for RecordStream<R> {
+    type Item = DrbdRecord;
+
+    fn next(&mut self) -> Option<DrbdRecord> {
+        loop {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(r);
+            }
+            if self.ended {
+                return None;
+            }
+            self.read_one();
+            self.ready.extend(self.analyzer.take_records());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -350,6 +418,11 @@ struct DirState {
     features: Option<ConnectionFeatures>,
     saw_protocol: bool,
     packets: usize,
+    /// `buf.len()` as last counted in [`Analyzer::undecoded`].
+    accounted: usize,
+    /// While waiting with bytes held: the frame that delivered the first of them (no record
+    /// of this direction can come before it), as entered in [`Analyzer::holds`].
+    hold: Option<u64>,
 }
 
 impl DirState {
@@ -367,6 +440,8 @@ impl DirState {
             features: None,
             saw_protocol: false,
             packets: 0,
+            accounted: 0,
+            hold: None,
         }
     }
 
@@ -420,8 +495,13 @@ fn agree(a: &ConnectionFeatures, b: &ConnectionFeatures) -> (u32, u32) {
     (max(a).min(max(b)), a.feature_flags & b.feature_flags)
 }
 
-/// Incremental analysis: feed frames in capture order with [`Analyzer::push`], then call
-/// [`Analyzer::finish`].
+/// Where a record goes in capture order: completing frame, stream, offset, then the order
+/// of decoding (the two directions of a stream may share an offset).
+type RecordKey = (u64, usize, u64, u64);
+
+/// Incremental analysis: feed frames in capture order with [`Analyzer::push`], take the
+/// records whose place is final with [`Analyzer::take_records`] as you go (or leave them),
+/// then call [`Analyzer::finish`].
 #[derive(Debug)]
 pub struct Analyzer {
     link: LinkType,
@@ -430,11 +510,25 @@ pub struct Analyzer {
     streams: Vec<StreamState>,
     /// Latest data-socket agreement per host pair: (stream, protocol version, features).
     pair_agreement: HashMap<HostPair, (usize, u32, u32)>,
-    records: Vec<DrbdRecord>,
+    /// Meta sockets waiting for their host pair's agreement, by host pair.
+    waiting_meta: HashMap<HostPair, Vec<usize>>,
+    /// Decoded records not yet taken, in capture order.
+    records: BTreeMap<RecordKey, DrbdRecord>,
+    /// Records decoded so far (the last part of [`RecordKey`]).
+    decoded: u64,
+    /// (hold frame, stream, direction) of every waiting direction that holds bytes; the
+    /// smallest frame bounds which records are final.
+    holds: BTreeSet<(u64, usize, DirIndex)>,
+    /// Bytes held undecoded by all directions (the sum of their `accounted`).
+    undecoded: usize,
     failures: Vec<DecodeFailure>,
     notices: Vec<Notice>,
     frames: u64,
+    /// Number of the last frame pushed.
+    last_frame: u64,
     skipped: u64,
+    /// Whether [`Analyzer::conclude`] ran.
+    concluded: bool,
 }
 
 impl Analyzer {
@@ -446,21 +540,51 @@ impl Analyzer {
             reasm: TcpReassembler::new(),
             streams: Vec::new(),
             pair_agreement: HashMap::new(),
-            records: Vec::new(),
+            waiting_meta: HashMap::new(),
+            records: BTreeMap::new(),
+            decoded: 0,
+            holds: BTreeSet::new(),
+            undecoded: 0,
             failures: Vec::new(),
             notices: Vec::new(),
             frames: 0,
+            last_frame: 0,
             skipped: 0,
+            concluded: false,
         }
+    }
+
+    /// Takes the decoded records whose place in capture order is final, in that order: no
+    /// frame pushed later (nor [`Analyzer::finish`]) can give a record that sorts before
+    /// them. Records decoded but not yet final stay until a later call (or `finish`).
+    pub fn take_records(&mut self) -> Vec<DrbdRecord> {
+        if self.concluded {
+            return std::mem::take(&mut self.records).into_values().collect();
+        }
+        // Later records complete in a later frame, or come from a direction waiting with
+        // bytes held, which cannot give a record before the frame that delivered them.
+        let mut limit = self.last_frame.saturating_add(1);
+        if let Some(&(frame, _, _)) = self.holds.first() {
+            limit = limit.min(frame);
+        }
+        let mut out = Vec::new();
+        while let Some(entry) = self.records.first_entry() {
+            if entry.key().0 >= limit {
+                break;
+            }
+            out.push(entry.remove());
+        }
+        out
     }
 
     fn direction(&self, stream: usize, dir: DirIndex) -> Direction {
         self.reasm.streams()[stream].direction(dir)
     }
 
-    /// Feeds one captured frame.
+    /// Feeds one captured frame. Frames must come in capture order.
     pub fn push(&mut self, rec: &PcapRecord) {
         self.frames += 1;
+        self.last_frame = rec.number;
         let seg = match parse_frame(self.link, &rec.data, rec.orig_len) {
             Ok(seg) => seg,
             Err(_skip) => {
@@ -468,7 +592,12 @@ impl Analyzer {
                 return;
             }
         };
-        let delivery = self.reasm.push(&seg, rec.number);
+        let Some(delivery) = self.reasm.push(&seg, rec.number) else {
+            if self.reasm.untracked_segments() == 1 {
+                self.notices.push(Notice::StreamLimit { frame: rec.number });
+            }
+            return;
+        };
         while self.streams.len() < self.reasm.streams().len() {
             self.streams.push(StreamState {
                 role: SocketRole::Unknown,
@@ -493,6 +622,34 @@ impl Analyzer {
         }
         self.classify(s, d);
         self.pump_all(vec![(s, d)]);
+        // Only this direction gained bytes: stopping it brings the total back under the
+        // limit.
+        if self.undecoded > MAX_TOTAL_UNDECODED_BYTES && !self.streams[s].dirs[d].stopped {
+            self.fail(s, d, FailureReason::SharedBufferLimit);
+            self.settle(s, d);
+        }
+    }
+
+    /// Brings the bookkeeping of direction `d` of stream `s` up to date after its buffer or
+    /// waiting state changed: the undecoded byte count and its hold on capture order.
+    fn settle(&mut self, s: usize, d: DirIndex) {
+        let st = &mut self.streams[s].dirs[d];
+        self.undecoded = (self.undecoded + st.buf.len()).saturating_sub(st.accounted);
+        st.accounted = st.buf.len();
+        let hold = if st.wait.is_some() && !st.stopped && !st.buf.is_empty() {
+            Some(st.frame_for(st.buf_offset + 1))
+        } else {
+            None
+        };
+        if hold != st.hold {
+            if let Some(frame) = st.hold {
+                self.holds.remove(&(frame, s, d));
+            }
+            if let Some(frame) = hold {
+                self.holds.insert((frame, s, d));
+            }
+            st.hold = hold;
+        }
     }
 
     /// Decides whether a direction is DRBD from its first bytes.
@@ -537,6 +694,10 @@ impl Analyzer {
     fn pump_all(&mut self, mut work: Vec<(usize, DirIndex)>) {
         while let Some((s, d)) = work.pop() {
             self.pump(s, d, &mut work);
+            // Decoding a packet changes the waiting state of its stream only (other streams
+            // that wake up are in `work`).
+            self.settle(s, 0);
+            self.settle(s, 1);
         }
     }
 
@@ -614,10 +775,9 @@ impl Analyzer {
                     Err(e) => return self.fail(s, d, e.into()),
                 }
             }
-            let raw = Bytes::copy_from_slice(&st.buf[..total]);
             let before = st.buf.len();
-            let decoded = match st.decoder.decode(&mut st.buf) {
-                Ok(Some(frame)) => frame,
+            let (decoded, raw) = match st.decoder.decode_with_raw(&mut st.buf) {
+                Ok(Some(decoded)) => decoded,
                 Ok(None) => {
                     return self.fail(
                         s,
@@ -648,17 +808,22 @@ impl Analyzer {
             st.packets += 1;
             let direction = self.direction(s, d);
             self.after_packet(s, d, &decoded.packet, work);
-            self.records.push(DrbdRecord {
-                stream: s,
-                dir: d,
-                direction,
-                frame,
-                offset,
-                header,
-                decoded,
-                context,
-                raw,
-            });
+            let key = (frame, s, offset, self.decoded);
+            self.decoded += 1;
+            self.records.insert(
+                key,
+                DrbdRecord {
+                    stream: s,
+                    dir: d,
+                    direction,
+                    frame,
+                    offset,
+                    header,
+                    decoded,
+                    context,
+                    raw,
+                },
+            );
         }
     }
 
@@ -685,6 +850,7 @@ impl Analyzer {
                         for st in &mut self.streams[s].dirs {
                             st.wait = Some(Wait::PairContext);
                         }
+                        self.waiting_meta.entry(pair).or_default().push(s);
                     }
                 }
             }
@@ -699,19 +865,16 @@ impl Analyzer {
                         self.apply_agreement(s, version, features, work);
                         let pair = host_pair(self.direction(s, d));
                         self.pair_agreement.insert(pair, (s, version, features));
-                        // Wake the meta sockets of this host pair.
-                        let waiting: Vec<usize> = (0..self.streams.len())
-                            .filter(|&m| {
-                                m != s
-                                    && host_pair(self.direction(m, 0)) == pair
-                                    && self.streams[m]
-                                        .dirs
-                                        .iter()
-                                        .any(|st| st.wait == Some(Wait::PairContext))
-                            })
-                            .collect();
-                        for m in waiting {
-                            self.apply_agreement(m, version, features, work);
+                        // Wake the meta sockets of this host pair (each is listed once per
+                        // wait, so the work over the capture stays linear in its streams).
+                        for m in self.waiting_meta.remove(&pair).unwrap_or_default() {
+                            let still_waiting = self.streams[m]
+                                .dirs
+                                .iter()
+                                .any(|st| st.wait == Some(Wait::PairContext));
+                            if m != s && still_waiting {
+                                self.apply_agreement(m, version, features, work);
+                            }
                         }
                     }
                     None => self.streams[s].dirs[d].wait = Some(Wait::PeerFeatures),
@@ -766,8 +929,40 @@ impl Analyzer {
     }
 
     /// Ends the analysis: reports gaps, decodes what waited for context that never came
-    /// (with a fallback), notes packets cut off by the end of the capture, and sorts.
+    /// (with a fallback) and notes packets cut off by the end of the capture. The
+    /// [`Analysis`] holds the records not taken with [`Analyzer::take_records`].
     pub fn finish(mut self) -> Analysis {
+        self.conclude();
+        let streams = self
+            .streams
+            .iter()
+            .enumerate()
+            .map(|(i, st)| StreamSummary {
+                index: i,
+                direction: self.direction(i, 0),
+                drbd: [st.dirs[0].kind == Kind::Drbd, st.dirs[1].kind == Kind::Drbd],
+                packets: [st.dirs[0].packets, st.dirs[1].packets],
+                role: st.role,
+            })
+            .collect();
+        Analysis {
+            link_type: self.link,
+            frames: self.frames,
+            skipped_frames: self.skipped,
+            streams,
+            records: self.records.into_values().collect(),
+            failures: self.failures,
+            notices: self.notices,
+        }
+    }
+
+    /// The end of the capture (what [`Analyzer::finish`] does before building the
+    /// [`Analysis`]); after it every record is final. Runs once.
+    fn conclude(&mut self) {
+        if self.concluded {
+            return;
+        }
+        self.concluded = true;
         for (s, d, issue) in self.reasm.finish() {
             self.stream_issue(s, d, issue);
         }
@@ -807,6 +1002,7 @@ impl Analyzer {
                 let st = &mut self.streams[s].dirs[d];
                 st.wait = None;
                 st.set_context(ctx);
+                self.settle(s, d);
                 if has_data {
                     let direction = self.direction(s, d);
                     self.notices.push(Notice::AssumedContext {
@@ -835,27 +1031,215 @@ impl Analyzer {
                 }
             }
         }
-        self.records.sort_by_key(|r| (r.frame, r.stream, r.offset));
-        let streams = self
-            .streams
-            .iter()
-            .enumerate()
-            .map(|(i, st)| StreamSummary {
-                index: i,
-                direction: self.direction(i, 0),
-                drbd: [st.dirs[0].kind == Kind::Drbd, st.dirs[1].kind == Kind::Drbd],
-                packets: [st.dirs[0].packets, st.dirs[1].packets],
-                role: st.role,
-            })
-            .collect();
-        Analysis {
-            link_type: self.link,
-            frames: self.frames,
-            skipped_frames: self.skipped,
-            streams,
-            records: self.records,
-            failures: self.failures,
-            notices: self.notices,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::capture::packet::{build_ethernet_tcp, flags};
+    use crate::capture::pcap::{ByteOrder, PcapWriter, TsResolution};
+    use crate::wire::{encode, BlockId, DataPacket, HeaderKind};
+
+    /// Feeds hand-made frames to an analyzer, numbering them from 1.
+    struct Feed {
+        analyzer: Analyzer,
+        frames: Vec<Vec<u8>>,
+    }
+
+    impl Feed {
+        fn new() -> Self {
+            Feed {
+                analyzer: Analyzer::new(LinkType::Ethernet, AnalyzeOptions::default()),
+                frames: Vec::new(),
+            }
         }
+
+        fn push(&mut self, frame: Vec<u8>) {
+            let rec = PcapRecord {
+                number: self.frames.len() as u64 + 1,
+                ts_sec: 0,
+                ts_nsec: 0,
+                orig_len: u32::try_from(frame.len()).expect("small frame"),
+                data: frame.clone(),
+            };
+            self.analyzer.push(&rec);
+            self.frames.push(frame);
+        }
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    fn bytes_of(kind: HeaderKind, packet: Packet, ctx: &WireContext) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode(
+            &Frame {
+                kind,
+                volume: 0,
+                packet,
+            },
+            ctx,
+            &mut out,
+        )
+        .expect("encode");
+        out.to_vec()
+    }
+
+    fn data_packet(len: usize) -> Packet {
+        Packet::Data(DataPacket {
+            sector: 8,
+            block_id: BlockId([1, 2, 3, 4, 5, 6, 7, 8]),
+            seq_num: 1,
+            dp_flags: 0,
+            digest: Bytes::new(),
+            data: Bytes::from(vec![0x42; len]),
+        })
+    }
+
+    #[test]
+    fn records_are_handed_out_in_capture_order_once_final() {
+        let (a_meta, b_meta) = (addr("10.0.0.1:40001"), addr("10.0.0.2:7788"));
+        let (a_data, b_data) = (addr("10.0.0.1:40000"), addr("10.0.0.2:7789"));
+        let none = WireContext::default();
+        let agreed = KERNEL_84_CONTEXT;
+        let features = || Packet::ConnectionFeatures(ConnectionFeatures::new(86, 0xf, 101));
+        let mut feed = Feed::new();
+        // The meta socket comes up first: what follows P_INITIAL_META waits for the data
+        // socket's agreement.
+        feed.push(build_ethernet_tcp(a_meta, b_meta, 99, 0, flags::SYN, b""));
+        feed.push(build_ethernet_tcp(
+            b_meta,
+            a_meta,
+            499,
+            0,
+            flags::SYN | flags::ACK,
+            b"",
+        ));
+        let mut m = bytes_of(HeaderKind::H80, Packet::InitialMeta, &none);
+        m.extend(bytes_of(HeaderKind::H80, Packet::Ping, &none));
+        feed.push(build_ethernet_tcp(a_meta, b_meta, 100, 0, flags::ACK, &m));
+        let ack = bytes_of(HeaderKind::H80, Packet::PingAck, &none);
+        feed.push(build_ethernet_tcp(b_meta, a_meta, 500, 0, flags::ACK, &ack));
+        assert!(feed.analyzer.take_records().is_empty());
+        // The data socket: features one way (waits for the other), then the other way.
+        feed.push(build_ethernet_tcp(a_data, b_data, 9, 0, flags::SYN, b""));
+        feed.push(build_ethernet_tcp(
+            b_data,
+            a_data,
+            19,
+            0,
+            flags::SYN | flags::ACK,
+            b"",
+        ));
+        let mut d = bytes_of(HeaderKind::H80, Packet::InitialData, &none);
+        d.extend(bytes_of(HeaderKind::H80, features(), &none));
+        feed.push(build_ethernet_tcp(a_data, b_data, 10, 0, flags::ACK, &d));
+        assert!(feed.analyzer.take_records().is_empty());
+        let f = bytes_of(HeaderKind::H80, features(), &none);
+        feed.push(build_ethernet_tcp(b_data, a_data, 20, 0, flags::ACK, &f));
+        let first: Vec<(u64, &str)> = feed
+            .analyzer
+            .take_records()
+            .iter()
+            .map(|r| (r.frame, r.decoded.packet.command().name()))
+            .collect();
+        assert_eq!(
+            first,
+            [
+                (3, "P_INITIAL_META"),
+                (3, "P_PING"),
+                (4, "P_PING_ACK"),
+                (7, "P_INITIAL_DATA"),
+                (7, "P_CONNECTION_FEATURES"),
+                (8, "P_CONNECTION_FEATURES"),
+            ]
+        );
+        // Later packets come out with the frame that completes them.
+        let data = bytes_of(HeaderKind::H100, data_packet(4096), &agreed);
+        let seq = 10 + u32::try_from(d.len()).expect("small");
+        feed.push(build_ethernet_tcp(
+            a_data,
+            b_data,
+            seq,
+            0,
+            flags::ACK,
+            &data,
+        ));
+        let next = feed.analyzer.take_records();
+        assert_eq!(next.len(), 1);
+        let r = &next[0];
+        assert_eq!((r.frame, &r.raw[..]), (9, &data[..]));
+        // The raw bytes and the decoded payload are one buffer.
+        let Packet::Data(p) = &r.decoded.packet else {
+            panic!("not P_DATA: {:?}", r.decoded.packet.command());
+        };
+        assert_eq!(p.data.as_ptr(), r.raw[16 + 24..].as_ptr());
+        let rest = feed.analyzer.finish();
+        assert!(rest.records.is_empty() && rest.failures.is_empty());
+        assert!(rest.notices.is_empty(), "{:?}", rest.notices);
+
+        // The same capture read by `analyze` and by a `RecordStream`.
+        let mut w = PcapWriter::new(ByteOrder::Little, TsResolution::Micro, 1);
+        for f in &feed.frames {
+            w.push(0, 0, f);
+        }
+        let file = w.into_bytes();
+        let open = || pcap::from_reader(std::io::Cursor::new(file.clone())).expect("pcap");
+        let whole = analyze(open(), AnalyzeOptions::default());
+        let mut stream = RecordStream::new(open(), AnalyzeOptions::default());
+        let streamed: Vec<DrbdRecord> = stream.by_ref().collect();
+        assert_eq!(streamed, whole.records);
+        assert_eq!(streamed.len(), 7);
+        let end = stream.finish();
+        assert!(end.records.is_empty());
+        assert_eq!(end.streams, whole.streams);
+        // `finish` part-way keeps what was not yielded.
+        let mut stream = RecordStream::new(open(), AnalyzeOptions::default());
+        let head: Vec<DrbdRecord> = stream.by_ref().take(2).collect();
+        let tail = stream.finish().records;
+        assert_eq!([head, tail].concat(), whole.records);
+    }
+
+    #[test]
+    fn undecoded_bytes_are_bounded_across_streams() {
+        // Streams captured mid-connection, each holding most of a 1 MiB P_DATA.
+        let block = 1 << 20;
+        let mut packet = bytes_of(HeaderKind::H100, data_packet(block), &KERNEL_84_CONTEXT);
+        packet.truncate(packet.len() - 4096);
+        let fitting = MAX_TOTAL_UNDECODED_BYTES / packet.len();
+        let streams = fitting + 6;
+        let server = addr("10.0.0.2:7789");
+        let mut feed = Feed::new();
+        for i in 0..streams {
+            let client = addr(&format!("10.0.0.1:{}", 40_000 + i));
+            // One frame per stream, dropped once fed, to keep the test's memory down.
+            feed.push(build_ethernet_tcp(
+                client,
+                server,
+                1000,
+                0,
+                flags::ACK,
+                &packet,
+            ));
+            feed.frames.clear();
+            assert!(feed.analyzer.undecoded <= MAX_TOTAL_UNDECODED_BYTES);
+        }
+        let a = feed.analyzer.finish();
+        let failed: Vec<(usize, &FailureReason)> =
+            a.failures.iter().map(|f| (f.stream, &f.reason)).collect();
+        let expected: Vec<(usize, &FailureReason)> = (fitting..streams)
+            .map(|s| (s, &FailureReason::SharedBufferLimit))
+            .collect();
+        assert_eq!(failed, expected);
+        let truncated = a
+            .notices
+            .iter()
+            .filter(|n| matches!(n, Notice::Truncated { .. }))
+            .count();
+        assert_eq!(truncated, fitting);
     }
 }

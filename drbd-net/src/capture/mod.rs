@@ -10,7 +10,8 @@
 //! * [`packet`]: link layer, IPv4/IPv6 and TCP headers of one frame.
 //! * [`reassembly`]: per-direction TCP byte streams, in order, with gaps reported.
 //! * [`drbd`]: DRBD stream detection, handshake context tracking and decoding with
-//!   [`crate::wire::Decoder`], giving [`DrbdRecord`]s in capture order.
+//!   [`crate::wire::Decoder`], giving [`DrbdRecord`]s in capture order (all at once, or as
+//!   they become final with [`RecordStream`]).
 //! * [`summary`]: the one-line text form of a record (what `drbd-wiredump` prints).
 
 pub mod drbd;
@@ -21,7 +22,7 @@ pub mod summary;
 
 pub use drbd::{
     analyze, analyze_file, Analysis, AnalyzeOptions, Analyzer, DecodeFailure, DrbdRecord,
-    FailureReason, Notice,
+    FailureReason, Notice, RecordStream,
 };
 pub use reassembly::Direction;
 

@@ -55,11 +55,9 @@ pub struct TcpSegment<'a> {
     pub ack: u32,
     /// The TCP flag bits (see [`flags`]).
     pub flags: u8,
-    /// The captured payload bytes.
+    /// The captured payload bytes. When the snap length cut the frame, only the captured
+    /// part: the bytes cut off show up as a hole (a gap) in the reassembled stream.
     pub payload: &'a [u8],
-    /// Payload bytes the segment carried on the wire but the capture did not keep (snap
-    /// length). Zero for a complete segment.
-    pub missing: usize,
 }
 
 /// Why a frame yielded no TCP segment.
@@ -250,7 +248,6 @@ fn tcp(src: IpAddr, dst: IpAddr, t: &[u8], wire_len: usize) -> Result<TcpSegment
         return Err(Skip::Malformed);
     }
     let payload = &t[off..];
-    let missing = (wire_len - off).saturating_sub(payload.len());
     Ok(TcpSegment {
         src: SocketAddr::new(src, sport),
         dst: SocketAddr::new(dst, dport),
@@ -258,12 +255,13 @@ fn tcp(src: IpAddr, dst: IpAddr, t: &[u8], wire_len: usize) -> Result<TcpSegment
         ack,
         flags: flag_bits,
         payload,
-        missing,
     })
 }
 
-/// Builds frames for tests and tools: Ethernet + IPv4/IPv6 + TCP with the given fields.
-/// Checksums are left zero (nothing here verifies them).
+/// Test-support API: builds an Ethernet + IPv4/IPv6 + TCP frame with the given fields, for
+/// synthetic captures (the integration tests in `tests/captures.rs` write them with
+/// [`PcapWriter`](super::pcap::PcapWriter)). Checksums are left zero (nothing here verifies
+/// them).
 pub fn build_ethernet_tcp(
     src: SocketAddr,
     dst: SocketAddr,
@@ -334,17 +332,15 @@ mod tests {
         assert_eq!(seg.dst, addr("10.0.0.2:7789"));
         assert_eq!((seg.seq, seg.ack), (100, 5));
         assert_eq!(seg.payload, b"hello");
-        assert_eq!(seg.missing, 0);
         // Ethernet padding after the IP packet is not payload.
         let mut padded = f.clone();
         padded.extend_from_slice(&[0; 6]);
         let seg = parse_frame(LinkType::Ethernet, &padded, padded.len() as u32).expect("tcp");
         assert_eq!(seg.payload, b"hello");
-        // A snap length that cut two bytes is reported, not invented.
+        // A snap length that cut two bytes: only the captured bytes, none invented.
         let cut = &f[..f.len() - 2];
         let seg = parse_frame(LinkType::Ethernet, cut, f.len() as u32).expect("tcp");
         assert_eq!(seg.payload, b"hel");
-        assert_eq!(seg.missing, 2);
     }
 
     #[test]

@@ -340,8 +340,9 @@ impl<R: Read> Iterator for PcapReader<R> {
     }
 }
 
-/// Writes a classic pcap file (used by tests and tools to build captures): microsecond
-/// resolution, the given byte order and link type, snap length [`MAX_RECORD_LEN`].
+/// Test-support API: writes a classic pcap file in memory (the integration tests in
+/// `tests/captures.rs` build synthetic captures with it): the given byte order, timestamp
+/// resolution and link type, snap length [`MAX_RECORD_LEN`].
 #[derive(Debug, Clone)]
 pub struct PcapWriter {
     byte_order: ByteOrder,

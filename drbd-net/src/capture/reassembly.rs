@@ -4,7 +4,10 @@
 //! * A direction's stream offset 0 is the byte after its SYN, or, when the capture starts
 //!   mid-connection, the first byte of the first segment seen.
 //! * Bytes are delivered in order, each exactly once. Out-of-order segments wait in a bounded
-//!   buffer ([`MAX_PENDING_BYTES`]) until the hole before them is filled.
+//!   buffer ([`MAX_PENDING_BYTES`] per direction, [`MAX_TOTAL_PENDING_BYTES`] across the whole
+//!   capture) until the hole before them is filled.
+//! * At most [`MAX_STREAMS`] connections are tracked; segments of further connections are
+//!   counted and ignored (see [`TcpReassembler::push`]).
 //! * Where segments overlap, the bytes received first win; bytes already delivered are never
 //!   re-delivered (a retransmission of them is counted and ignored).
 //! * Segments much larger than the MSS (GSO/TSO super-frames as captured next to a virtio NIC
@@ -31,6 +34,27 @@ pub const MAX_PENDING_BYTES: usize = 16 * 1024 * 1024;
 /// Most out-of-order segments held per direction (bounds the bookkeeping when a capture
 /// holds many tiny segments beyond a hole).
 pub const MAX_PENDING_SEGMENTS: usize = 65_536;
+
+/// Most out-of-order bytes held across all streams of a capture at once. The per-direction
+/// limit alone does not bound memory: a capture (and a small gzip file expands to a large
+/// one) may hold any number of connections, each with a hole followed by up to
+/// [`MAX_PENDING_BYTES`]. 64 MiB is four directions at their own limit, far more than real
+/// traffic keeps waiting behind holes at one time. Each held segment also counts
+/// [`PENDING_SEGMENT_COST`]. The direction whose segment would go past it stops with
+/// [`StreamIssue::SharedBufferLimit`], releasing what it held.
+pub const MAX_TOTAL_PENDING_BYTES: usize = 64 * 1024 * 1024;
+
+/// What one held out-of-order segment counts against [`MAX_TOTAL_PENDING_BYTES`] on top of
+/// its payload: roughly its allocation header and map entry, so that many tiny segments
+/// cannot hold much more memory than the budget says.
+pub const PENDING_SEGMENT_COST: usize = 64;
+
+/// Most TCP connections tracked in one capture. Each one costs around a kilobyte of
+/// bookkeeping here and in the DRBD analysis, kept after it closes (stream indices stay
+/// valid), so this bounds that at about 64 MiB; a capture of DRBD nodes has two connections
+/// per resource and connection attempt. Segments of connections beyond it are counted and
+/// not reassembled.
+pub const MAX_STREAMS: usize = 65_536;
 
 /// Direction within a stream: 0 from the stream's first endpoint `a` to `b`, 1 back.
 pub type DirIndex = usize;
@@ -69,6 +93,12 @@ pub enum StreamIssue {
         /// Stream offset of the hole.
         offset: u64,
     },
+    /// The bytes waiting behind holes in all streams together would have gone past
+    /// [`MAX_TOTAL_PENDING_BYTES`] with this direction's; it stops at its hole at `offset`.
+    SharedBufferLimit {
+        /// Stream offset of the hole.
+        offset: u64,
+    },
 }
 
 impl fmt::Display for StreamIssue {
@@ -87,6 +117,11 @@ impl fmt::Display for StreamIssue {
                 f,
                 "more than {MAX_PENDING_BYTES} bytes ({MAX_PENDING_SEGMENTS} segments) \
                  waited behind a hole at offset {offset}; direction stopped"
+            ),
+            StreamIssue::SharedBufferLimit { offset } => write!(
+                f,
+                "more than {MAX_TOTAL_PENDING_BYTES} bytes waited behind holes across all \
+                 streams of the capture; direction stopped at its hole at offset {offset}"
             ),
         }
     }
@@ -191,12 +226,35 @@ impl DirReassembler {
 
     /// Feeds one segment of this direction; newly in-order bytes are appended to `out`.
     /// Returns an issue when this segment made the direction stop.
+    ///
+    /// A direction used alone is bounded by [`MAX_PENDING_BYTES`] only; within a
+    /// [`TcpReassembler`] the shared [`MAX_TOTAL_PENDING_BYTES`] applies as well.
     pub fn push(
         &mut self,
         seq: u32,
         flag_bits: u8,
         payload: &[u8],
         out: &mut Vec<u8>,
+    ) -> Option<StreamIssue> {
+        let mut unlimited = usize::MAX;
+        self.push_within(seq, flag_bits, payload, out, &mut unlimited)
+    }
+
+    /// Out-of-order bytes held, as counted against [`MAX_TOTAL_PENDING_BYTES`] (payload plus
+    /// [`PENDING_SEGMENT_COST`] per segment).
+    fn held_cost(&self) -> usize {
+        self.pending_bytes + self.pending.len() * PENDING_SEGMENT_COST
+    }
+
+    /// [`DirReassembler::push`] with at most `shared_left` more held cost (see
+    /// [`DirReassembler::held_cost`]) allowed; what is newly held is taken off it.
+    fn push_within(
+        &mut self,
+        seq: u32,
+        flag_bits: u8,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+        shared_left: &mut usize,
     ) -> Option<StreamIssue> {
         if self.state != DirState::Open {
             if !payload.is_empty() {
@@ -237,7 +295,7 @@ impl DirReassembler {
         }
         if !payload.is_empty() {
             self.stats.segments += 1;
-            self.insert(start, payload, out);
+            self.insert(start, payload, out, shared_left);
         }
         self.maybe_finish();
         if self.state == DirState::Stopped {
@@ -246,7 +304,7 @@ impl DirReassembler {
         None
     }
 
-    fn insert(&mut self, start: i128, payload: &[u8], out: &mut Vec<u8>) {
+    fn insert(&mut self, start: i128, payload: &[u8], out: &mut Vec<u8>, shared_left: &mut usize) {
         let next = i128::from(self.next);
         let end = start + i128::try_from(payload.len()).unwrap_or(i128::MAX);
         // Never accept bytes beyond a FIN.
@@ -295,12 +353,13 @@ impl DirReassembler {
             self.drain(out);
         } else {
             self.stats.out_of_order += 1;
-            self.buffer(start, payload);
+            self.buffer(start, payload, shared_left);
         }
     }
 
-    /// Stores the parts of `[start, start+len)` not already held (first-received wins).
-    fn buffer(&mut self, start: u64, payload: &[u8]) {
+    /// Stores the parts of `[start, start+len)` not already held (first-received wins), or
+    /// stops the direction when a limit would be passed.
+    fn buffer(&mut self, start: u64, payload: &[u8], shared_left: &mut usize) {
         let end = start + payload.len() as u64;
         let mut pieces: Vec<(u64, u64)> = Vec::new();
         let mut cursor = start;
@@ -341,6 +400,12 @@ impl DirReassembler {
                 self.stop(StreamIssue::BufferLimit { offset: self.next });
                 return;
             }
+            let cost = bytes.len() + PENDING_SEGMENT_COST;
+            if cost > *shared_left {
+                self.stop(StreamIssue::SharedBufferLimit { offset: self.next });
+                return;
+            }
+            *shared_left -= cost;
             self.pending_bytes += bytes.len();
             self.pending.insert(s, bytes.to_vec());
         }
@@ -458,6 +523,10 @@ impl TcpStream {
     pub fn was_reset(&self) -> bool {
         self.reset
     }
+
+    fn held_cost(&self) -> usize {
+        self.dirs[0].held_cost() + self.dirs[1].held_cost()
+    }
 }
 
 /// What one segment did.
@@ -486,11 +555,16 @@ fn conn_key(x: SocketAddr, y: SocketAddr) -> ConnKey {
     }
 }
 
-/// Reassembles every TCP connection of a capture.
+/// Reassembles every TCP connection of a capture (at most [`MAX_STREAMS`]), holding at most
+/// [`MAX_TOTAL_PENDING_BYTES`] out of order across all of them.
 #[derive(Debug, Clone, Default)]
 pub struct TcpReassembler {
     streams: Vec<TcpStream>,
     current: HashMap<ConnKey, usize>,
+    /// Sum of the streams' held cost (see [`TcpReassembler::pending_cost`]).
+    pending_cost: usize,
+    /// Segments ignored because [`MAX_STREAMS`] connections were already tracked.
+    untracked_segments: u64,
 }
 
 impl TcpReassembler {
@@ -504,12 +578,32 @@ impl TcpReassembler {
         &self.streams
     }
 
-    /// Feeds one segment captured in frame `frame`.
-    pub fn push(&mut self, seg: &TcpSegment<'_>, frame: u64) -> Delivery {
+    /// Out-of-order bytes held across all streams, plus [`PENDING_SEGMENT_COST`] per held
+    /// segment: never more than [`MAX_TOTAL_PENDING_BYTES`].
+    pub fn pending_cost(&self) -> usize {
+        self.pending_cost
+    }
+
+    /// Segments ignored because they would have started a connection beyond
+    /// [`MAX_STREAMS`] (or belong to one).
+    pub fn untracked_segments(&self) -> u64 {
+        self.untracked_segments
+    }
+
+    /// Feeds one segment captured in frame `frame`. `None` when the segment would start a
+    /// connection beyond [`MAX_STREAMS`], or belongs to one: it is counted in
+    /// [`TcpReassembler::untracked_segments`] and otherwise ignored.
+    pub fn push(&mut self, seg: &TcpSegment<'_>, frame: u64) -> Option<Delivery> {
         let key = conn_key(seg.src, seg.dst);
         let is_syn = seg.flags & flags::SYN != 0;
         let idx = match self.current.get(&key) {
             Some(&i) if !(is_syn && self.syn_starts_new(i, seg)) => i,
+            _ if self.streams.len() >= MAX_STREAMS => {
+                // Later segments of this tuple must not land in an older stream either.
+                self.current.remove(&key);
+                self.untracked_segments += 1;
+                return None;
+            }
             _ => {
                 let index = self.streams.len();
                 self.streams.push(TcpStream {
@@ -533,12 +627,20 @@ impl TcpReassembler {
                 index
             }
         };
+        let mut shared_left = MAX_TOTAL_PENDING_BYTES.saturating_sub(self.pending_cost);
         let stream = &mut self.streams[idx];
+        let held_before = stream.held_cost();
         let dir = usize::from(seg.src != stream.a);
         let mut out = Vec::new();
         let offset = stream.dirs[dir].delivered_len();
         let mut issues = Vec::new();
-        if let Some(i) = stream.dirs[dir].push(seg.seq, seg.flags, seg.payload, &mut out) {
+        if let Some(i) = stream.dirs[dir].push_within(
+            seg.seq,
+            seg.flags,
+            seg.payload,
+            &mut out,
+            &mut shared_left,
+        ) {
             issues.push((dir, i));
         }
         if seg.flags & flags::RST != 0 && !stream.reset {
@@ -549,13 +651,15 @@ impl TcpReassembler {
                 }
             }
         }
-        Delivery {
+        let held_after = stream.held_cost();
+        self.pending_cost = (self.pending_cost + held_after).saturating_sub(held_before);
+        Some(Delivery {
             stream: idx,
             dir,
             offset,
             data: out,
             issues,
-        }
+        })
     }
 
     /// Whether a SYN for stream `i` begins a new connection on the same 4-tuple.
@@ -584,6 +688,7 @@ impl TcpReassembler {
                 }
             }
         }
+        self.pending_cost = 0;
         issues
     }
 }
@@ -710,34 +815,126 @@ mod tests {
             ack: 0,
             flags: f,
             payload,
-            missing: 0,
         }
+    }
+
+    fn tracked(t: &mut TcpReassembler, seg: &TcpSegment<'_>, frame: u64) -> Delivery {
+        t.push(seg, frame).expect("stream tracked")
     }
 
     #[test]
     fn streams_are_numbered_and_reused_tuples_split() {
         let (c, s) = ("10.0.0.1:40000", "10.0.0.2:7789");
         let mut t = TcpReassembler::new();
-        assert_eq!(t.push(&seg(c, s, 100, flags::SYN, b""), 1).stream, 0);
         assert_eq!(
-            t.push(&seg(s, c, 0, flags::RST | flags::ACK, b""), 2)
-                .stream,
+            tracked(&mut t, &seg(c, s, 100, flags::SYN, b""), 1).stream,
+            0
+        );
+        assert_eq!(
+            tracked(&mut t, &seg(s, c, 0, flags::RST | flags::ACK, b""), 2).stream,
             0
         );
         // Same tuple, new SYN after the RST: a new stream.
-        assert_eq!(t.push(&seg(c, s, 500, flags::SYN, b""), 3).stream, 1);
-        let d = t.push(&seg(s, c, 9, flags::SYN | flags::ACK, b""), 4);
+        assert_eq!(
+            tracked(&mut t, &seg(c, s, 500, flags::SYN, b""), 3).stream,
+            1
+        );
+        let d = tracked(&mut t, &seg(s, c, 9, flags::SYN | flags::ACK, b""), 4);
         assert_eq!((d.stream, d.dir), (1, 1));
-        let d = t.push(&seg(c, s, 501, flags::ACK, b"hi"), 5);
+        let d = tracked(&mut t, &seg(c, s, 501, flags::ACK, b"hi"), 5);
         assert_eq!(
             (d.stream, d.dir, d.offset, d.data.as_slice()),
             (1, 0, 0, &b"hi"[..])
         );
-        let d = t.push(&seg(s, c, 10, flags::ACK, b"yo"), 6);
+        let d = tracked(&mut t, &seg(s, c, 10, flags::ACK, b"yo"), 6);
         assert_eq!((d.stream, d.dir, d.data.as_slice()), (1, 1, &b"yo"[..]));
         // SYN retransmission with the same ISN stays in the stream.
-        assert_eq!(t.push(&seg(c, s, 500, flags::SYN, b""), 7).stream, 1);
+        assert_eq!(
+            tracked(&mut t, &seg(c, s, 500, flags::SYN, b""), 7).stream,
+            1
+        );
         assert_eq!(t.streams()[1].direction(0).to_string(), format!("{c}>{s}"));
         assert!(t.finish().is_empty());
+    }
+
+    #[test]
+    fn shared_budget_bounds_many_streams_with_holes() {
+        let server = "10.0.0.2:7789";
+        let chunk = vec![0x5a_u8; 1 << 20];
+        // Each stream holds 15 MiB behind a hole: under its own limit, but only four such
+        // streams fit the shared budget.
+        let per_stream = MAX_PENDING_BYTES / chunk.len() - 1;
+        let fitting = MAX_TOTAL_PENDING_BYTES / (per_stream * (chunk.len() + PENDING_SEGMENT_COST));
+        assert_eq!(fitting, 4);
+        let streams = fitting + 3;
+        let mut t = TcpReassembler::new();
+        let mut stopped = Vec::new();
+        let mut frame = 0;
+        for i in 0..streams {
+            let client = format!("10.0.0.1:{}", 40_000 + i);
+            frame += 1;
+            tracked(&mut t, &seg(&client, server, 0, flags::SYN, b""), frame);
+            for k in 0..per_stream {
+                frame += 1;
+                // Offset 10 onwards: bytes 0..10 never arrive.
+                let seq = u32::try_from(11 + k * chunk.len()).expect("small");
+                let d = tracked(&mut t, &seg(&client, server, seq, 0, &chunk), frame);
+                assert!(d.data.is_empty());
+                assert!(t.pending_cost() <= MAX_TOTAL_PENDING_BYTES);
+                stopped.extend(d.issues.into_iter().map(|(_, issue)| (d.stream, issue)));
+            }
+        }
+        // Every stream past the budget stopped at its hole (and released what it held)...
+        let expected: Vec<_> = (fitting..streams)
+            .map(|s| (s, StreamIssue::SharedBufferLimit { offset: 0 }))
+            .collect();
+        assert_eq!(stopped, expected);
+        // ...the others kept theirs and report their gap at the end.
+        let gaps = t.finish();
+        assert_eq!(gaps.len(), fitting);
+        assert!(gaps.iter().all(|(s, _, issue)| *s < fitting
+            && matches!(
+                issue,
+                StreamIssue::Gap {
+                    offset: 0,
+                    missing: 10,
+                    ..
+                }
+            )));
+        assert_eq!(t.pending_cost(), 0);
+        assert!(stopped[0].1.to_string().contains("across all streams"));
+    }
+
+    #[test]
+    fn streams_beyond_the_cap_are_counted_not_tracked() {
+        use std::net::{IpAddr, Ipv4Addr};
+        let server: SocketAddr = "10.0.0.2:7789".parse().expect("addr");
+        let client = |i: usize| {
+            let ip = 0x0a01_0000 + u32::try_from(i).expect("small");
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::from(ip)), 40_000)
+        };
+        let syn = |src: SocketAddr, payload: &'static [u8]| TcpSegment {
+            src,
+            dst: server,
+            seq: u32::from(!payload.is_empty()),
+            ack: 0,
+            flags: if payload.is_empty() {
+                flags::SYN
+            } else {
+                flags::ACK
+            },
+            payload,
+        };
+        let mut t = TcpReassembler::new();
+        for i in 0..MAX_STREAMS {
+            assert!(t.push(&syn(client(i), b""), 1).is_some());
+        }
+        assert!(t.push(&syn(client(MAX_STREAMS), b""), 2).is_none());
+        assert!(t.push(&syn(client(MAX_STREAMS), b"data"), 3).is_none());
+        assert_eq!(t.untracked_segments(), 2);
+        assert_eq!(t.streams().len(), MAX_STREAMS);
+        // Tracked connections go on as before.
+        let d = t.push(&syn(client(7), b"data"), 4).expect("tracked");
+        assert_eq!((d.stream, d.data.as_slice()), (7, &b"data"[..]));
     }
 }

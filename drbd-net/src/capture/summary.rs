@@ -10,32 +10,38 @@ use std::fmt::Write as _;
 use super::drbd::DrbdRecord;
 use crate::wire::{
     BlockAck, BlockId, BlockRequest, ConnState, DataPacket, DiskState, HeaderKind, Packet,
-    ReqState, Role, State, SyncParam, ID_IN_SYNC, ID_OUT_OF_SYNC,
+    ReqState, Role, State, SyncParam, DP_DISCARD, DP_FLUSH, DP_FUA, DP_HARDBARRIER,
+    DP_MAY_SET_IN_SYNC, DP_RW_SYNC, DP_SEND_RECEIVE_ACK, DP_SEND_WRITE_ACK, DP_UNPLUG, DP_WSAME,
+    DP_ZEROES, ID_IN_SYNC, ID_OUT_OF_SYNC,
 };
 
-/// Names of the `dp_flags` bits, lowest first.
+/// Names of the `dp_flags` bits, lowest first (values from the wire module's `DP_*`).
 const DP_FLAG_NAMES: &[(u32, &str)] = &[
-    (1, "HARDBARRIER"),
-    (2, "RW_SYNC"),
-    (4, "MAY_SET_IN_SYNC"),
-    (8, "UNPLUG"),
-    (16, "FUA"),
-    (32, "FLUSH"),
-    (64, "DISCARD"),
-    (128, "SEND_RECEIVE_ACK"),
-    (256, "SEND_WRITE_ACK"),
-    (512, "WSAME"),
-    (1024, "ZEROES"),
+    (DP_HARDBARRIER, "HARDBARRIER"),
+    (DP_RW_SYNC, "RW_SYNC"),
+    (DP_MAY_SET_IN_SYNC, "MAY_SET_IN_SYNC"),
+    (DP_UNPLUG, "UNPLUG"),
+    (DP_FUA, "FUA"),
+    (DP_FLUSH, "FLUSH"),
+    (DP_DISCARD, "DISCARD"),
+    (DP_SEND_RECEIVE_ACK, "SEND_RECEIVE_ACK"),
+    (DP_SEND_WRITE_ACK, "SEND_WRITE_ACK"),
+    (DP_WSAME, "WSAME"),
+    (DP_ZEROES, "ZEROES"),
 ];
 
-/// Names of the boolean state bits after `pdsk`, with their bit positions.
-const STATE_FLAG_BITS: &[(u32, &str)] = &[
-    (17, "susp"),
-    (18, "aftr_isp"),
-    (19, "peer_isp"),
-    (20, "user_isp"),
-    (21, "susp_nod"),
-    (22, "susp_fen"),
+/// Reads one boolean flag of a state word.
+type StateFlag = fn(State) -> bool;
+
+/// The boolean state flags after `pdsk`, in bit order, read with [`State`]'s accessors (the
+/// wire module owns the bit layout).
+const STATE_FLAGS: &[(&str, StateFlag)] = &[
+    ("susp", State::susp),
+    ("aftr_isp", State::aftr_isp),
+    ("peer_isp", State::peer_isp),
+    ("user_isp", State::user_isp),
+    ("susp_nod", State::susp_nod),
+    ("susp_fen", State::susp_fen),
 ];
 
 /// The whole line for one record.
@@ -86,7 +92,7 @@ pub fn dp_flags(flags: u32) -> String {
         .filter(|(bit, _)| flags & bit != 0)
         .map(|(_, n)| (*n).to_string())
         .collect();
-    let known: u32 = DP_FLAG_NAMES.iter().map(|(b, _)| b).sum();
+    let known = DP_FLAG_NAMES.iter().fold(0, |acc, (bit, _)| acc | bit);
     if flags & !known != 0 {
         names.push(format!("{:#x}", flags & !known));
     }
@@ -123,8 +129,8 @@ pub fn state_fields(st: State) -> String {
         disk_name(st.disk()),
         disk_name(st.pdsk())
     );
-    for (bit, name) in STATE_FLAG_BITS {
-        if st.raw & (1 << bit) != 0 {
+    for (name, is_set) in STATE_FLAGS {
+        if is_set(st) {
             let _ = write!(s, " {name}=1");
         }
     }
@@ -150,9 +156,9 @@ fn req_state_fields(r: &ReqState) -> String {
     if mask.pdsk() != 0 {
         let _ = write!(s, " pdsk={}", disk_name(val.pdsk()));
     }
-    for (bit, name) in STATE_FLAG_BITS {
-        if mask.raw & (1 << bit) != 0 {
-            let _ = write!(s, " {name}={}", (val.raw >> bit) & 1);
+    for (name, is_set) in STATE_FLAGS {
+        if is_set(mask) {
+            let _ = write!(s, " {name}={}", u8::from(is_set(val)));
         }
     }
     s
@@ -390,6 +396,15 @@ mod tests {
         assert_eq!(
             state_fields(State::from_raw(raw)),
             "role=Primary peer=Secondary conn=Connected disk=UpToDate pdsk=UpToDate aftr_isp=1"
+        );
+        // A request naming susp (bit 17, set) and susp_fen (bit 22, cleared).
+        let req = ReqState {
+            mask: State::from_raw((1 << 17) | (1 << 22)),
+            val: State::from_raw(1 << 17),
+        };
+        assert_eq!(
+            req_state_fields(&req),
+            "mask=0x420000 val=0x20000 susp=1 susp_fen=0"
         );
         assert_eq!(after_sb(3), "discard-zero-changes");
         assert_eq!(after_sb(99), "99");

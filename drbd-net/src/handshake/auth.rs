@@ -31,19 +31,6 @@ impl HmacAlg {
     }
 }
 
-/// Digest length of a `data-integrity-alg` / `csums-alg` / `verify-alg` name ("" = none).
-pub fn digest_len(alg: &str) -> Option<usize> {
-    Some(match alg {
-        "" => 0,
-        "crc32c" | "crc32" => 4,
-        "md5" => 16,
-        "sha1" => 20,
-        "sha256" => 32,
-        "sha512" => 64,
-        _ => return None,
-    })
-}
-
 /// Longest shared secret DRBD accepts (SHARED_SECRET_MAX).
 pub const SECRET_MAX: usize = 64;
 

@@ -381,7 +381,7 @@ impl Handshake {
                 }
                 // Both sides agreed on the algorithm (checked above); without its digest
                 // length no data packet could be decoded.
-                let Some(len) = auth::digest_len(&peer.integrity_alg) else {
+                let Some(len) = wire::integrity_digest_len(&peer.integrity_alg) else {
                     let alg = peer.integrity_alg.clone();
                     return self.fail(HandshakeError::UnsupportedIntegrityAlg(alg));
                 };

@@ -287,7 +287,8 @@ impl BitWriter {
             if let Some(b) = self.bytes.last_mut() {
                 *b |= chunk << at;
             }
-            val = if take == 64 { 0 } else { val >> take };
+            // `take` is at most 8, so the shift never reaches the width of `val`.
+            val >>= take;
             n -= take;
             self.bits += take as usize;
         }

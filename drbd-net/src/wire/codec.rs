@@ -441,6 +441,16 @@ impl Decoder {
     /// On an error in the header nothing is consumed; on an error in the payload the frame's
     /// bytes have been taken off `buf`. Either way the stream cannot be resynchronised.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, WireError> {
+        Ok(self.decode_with_raw(buf)?.map(|(frame, _)| frame))
+    }
+
+    /// As [`Decoder::decode`], and also returns the frame's bytes as received (header and
+    /// payload). They are the very memory the frame's payload fields are sliced from, not a
+    /// copy: for callers that keep both, such as the capture analysis.
+    pub fn decode_with_raw(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> Result<Option<(Frame, Bytes)>, WireError> {
         let Some(header) = Header::parse(buf)? else {
             return Ok(None);
         };
@@ -453,15 +463,16 @@ impl Decoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        let frame = buf.split_to(total).freeze();
+        let raw = buf.split_to(total).freeze();
         self.consumed += total as u64;
-        let payload = frame.slice(header.kind.size()..);
+        let payload = raw.slice(header.kind.size()..);
         let packet = parse_payload(command, payload, &self.ctx)?;
-        Ok(Some(Frame {
+        let frame = Frame {
             kind: header.kind,
             volume: header.volume,
             packet,
-        }))
+        };
+        Ok(Some((frame, raw)))
     }
 }
 

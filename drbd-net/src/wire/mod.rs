@@ -31,10 +31,15 @@
 pub mod bitmap;
 mod codec;
 mod command;
+mod digest;
 mod error;
 mod header;
 pub mod limits;
 mod packet;
+/// Invariant checks that panic on a broken invariant: the oracle of the `decode` fuzz target
+/// and of the seed-corpus test. Not part of the codec proper, so only compiled for tests and
+/// with the `selfcheck` feature (which the fuzz crate and this package's own tests enable).
+#[cfg(any(test, feature = "selfcheck"))]
 pub mod selfcheck;
 mod state;
 
@@ -43,6 +48,7 @@ mod tests;
 
 pub use codec::{encode, encode_head, Decoder};
 pub use command::Command;
+pub use digest::integrity_digest_len;
 pub use error::WireError;
 pub use header::{header_kind_for, Header, HeaderKind};
 pub use packet::{
