@@ -4,10 +4,14 @@
 //!   two-node protocol with a typed payload, an incremental decoder that checks each
 //!   command's length limits as soon as a header is complete, and the RLE/VLI bitmap code of
 //!   the bitmap exchange.
-//!
-//! Still to come: the connection handshake (two TCP sockets, feature negotiation,
-//! cram-hmac), the tokio transport, and the disk engines behind one trait (io_uring on a
-//! dedicated thread, with a thread-pool fallback).
+//! * [`handshake`]: the connection handshake as sans-IO state machines: data/meta socket
+//!   roles, feature negotiation, cram-hmac, the parameter exchange and keep-alive.
+//! * [`transport`]: the tokio transport that moves bytes between two TCP sockets per peer and
+//!   those machines, with retries after connect-int.
+//! * [`capture`]: pcap reading, TCP reassembly and DRBD stream decoding (`drbd-wiredump`).
+//! * [`nbd`]: the NBD server through which resources are exported.
+//! * [`disk`]: the disk engines behind one trait: io_uring on a dedicated thread, with a
+//!   thread-pool fallback.
 
 pub mod capture;
 pub mod disk;

@@ -1,24 +1,4 @@
 //! [`UringEngine`]: a dedicated thread per backing file driving one `io_uring` ring.
-//!
-//! # Ownership discipline
-//!
-//! The kernel reads and writes op buffers asynchronously, so a buffer must neither be freed
-//! nor touched while the kernel may use it. Every accepted op lives in the worker's slot
-//! table, keyed by the `user_data` of its SQE, from the moment its first SQE is built until
-//! the CQE of its last SQE has been reaped; only then is the buffer handed back in the
-//! [`Completion`]. An op has at most one SQE in the kernel at a time (short transfers, the
-//! `fdatasync` after a FUA write and the zero-writing fallback are issued one after the
-//! other), which bounds what the kernel holds to `queue_depth + 1` SQEs (the `+ 1` is the
-//! wake-up poll on the eventfd). The worker leaves its loop only when the table is empty;
-//! if it unwinds from a panic instead, its `Drop` waits for every SQE still in the kernel
-//! before anything is freed, and leaks the buffers if even that fails.
-//!
-//! # Wake-ups
-//!
-//! Submitters push to a bounded channel and then bump an eventfd; the worker keeps a
-//! one-shot `POLL_ADD` on that eventfd in the ring, so a single `io_uring_enter` waits for
-//! either new ops or completions. The worker resets the eventfd *before* draining the
-//! channel, so an op sent after the drain always finds its bump pending.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -88,7 +68,29 @@ pub(crate) fn setup_ring(queue_depth: u32, simulate: &SimulatedFailures) -> io::
     Ok(ring)
 }
 
-/// The `io_uring` engine. See the [module docs](self) and [`super`] for the protocol.
+/// The `io_uring` engine: a dedicated thread per backing file driving one ring. See
+/// [`super`] for the protocol and the semantics of each op.
+///
+/// # Ownership discipline
+///
+/// The kernel reads and writes op buffers asynchronously, so a buffer must neither be freed
+/// nor touched while the kernel may use it. Every accepted op lives in the worker's slot
+/// table, keyed by the `user_data` of its SQE, from the moment its first SQE is built until
+/// the CQE of its last SQE has been reaped; only then is the buffer handed back in the
+/// [`Completion`]. An op has at most one SQE in the kernel at a time (short transfers, the
+/// `fdatasync` after a FUA write and the zero-writing fallback are issued one after the
+/// other), which bounds what the kernel holds to `queue_depth + 1` SQEs (the `+ 1` is the
+/// wake-up poll on the eventfd). The worker leaves its loop only when the table is empty;
+/// if it unwinds from a panic instead, its `Drop` waits for every SQE still in the kernel
+/// before anything is freed; if even that fails it leaks the buffers (their ops complete
+/// with an error and an empty buffer).
+///
+/// # Wake-ups
+///
+/// Submitters push to a bounded channel and then bump an eventfd; the worker keeps a
+/// one-shot `POLL_ADD` on that eventfd in the ring, so a single `io_uring_enter` waits for
+/// either new ops or completions. The worker resets the eventfd *before* draining the
+/// channel, so an op sent after the drain always finds its bump pending.
 pub struct UringEngine {
     /// Submission channel to the worker; `None` once `Drop` has closed it.
     ops: Option<SyncSender<Queued>>,
