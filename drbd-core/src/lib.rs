@@ -7,6 +7,9 @@
 //!   printer behind `drbdadm dump`.
 //! * [`meta`]: the v08 on-disk metadata format (superblock, activity-log ring, bitmap area and
 //!   their placement), byte-compatible with what `drbdmeta` writes.
+//! * [`replication`]: the in-memory dirty bitmap (one bit per 4 KiB, with write-back of
+//!   changed on-disk pages) and the activity log (active 4 MiB extents, the transactions that
+//!   record them in the on-disk ring, and their replay after a crash).
 //! * [`uuid`]: the data generation UUIDs and their transitions (promotion, resync start and
 //!   end, `new-current-uuid`), DRBD 8.4's UUID comparison with its rule numbers, and the sync
 //!   handshake with the after-split-brain and `rr-conflict` policies.
@@ -18,4 +21,5 @@
 
 pub mod config;
 pub mod meta;
+pub mod replication;
 pub mod uuid;
