@@ -14,7 +14,6 @@ use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use drbd_cli::meta_cmd::{self, MetaCommand, MetaDisk, MetaTarget};
 use drbd_core::meta::{AlGeometry, Layout, Placement};
@@ -45,105 +44,8 @@ const PLACEMENTS: [Placement; 4] = [
 // Environment
 // ---------------------------------------------------------------------------------------------
 
-struct Env {
-    drbdmeta: PathBuf,
-    losetup: PathBuf,
-}
-
-fn find_tool(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
-        .map(PathBuf::from)
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
-fn probe_env() -> Result<Env, String> {
-    if !is_root() {
-        return Err("not running as root (loop devices need root)".into());
-    }
-    let drbdmeta = find_tool("drbdmeta").ok_or("drbdmeta (drbd-utils) not installed")?;
-    let losetup = find_tool("losetup").ok_or("losetup not installed")?;
-    let env = Env { drbdmeta, losetup };
-    // Loop devices may be unavailable in containers: try one.
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let file = sparse(dir.path(), "probe.img", MIB);
-    let dev = attach_loop(&env, &file).map_err(|e| format!("cannot attach a loop device: {e}"))?;
-    drop(dev);
-    Ok(env)
-}
-
-/// Serialises the tests (they share loop devices and drbdmeta's per-minor lock files, and the
-/// machine has few cores) and checks the environment once.
-fn setup(test: &str) -> Option<(MutexGuard<'static, ()>, &'static Env)> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    static ENV: OnceLock<Result<Env, String>> = OnceLock::new();
-    let guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    match ENV.get_or_init(probe_env) {
-        Ok(env) => Some((guard, env)),
-        Err(reason) => {
-            // CI runs as root with drbd-utils installed: there a missing piece is a failure,
-            // not a skip.
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "{test}: cannot run under CI: {reason}"
-            );
-            // Straight to the process's stderr: the test harness captures eprintln! output
-            // of passing tests, and a skip must be visible.
-            let _ = writeln!(std::io::stderr(), "SKIP: {test}: {reason}");
-            None
-        }
-    }
-}
-
-fn sparse(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let path = dir.join(name);
-    File::create(&path).unwrap().set_len(size).unwrap();
-    path
-}
-
-/// A loop device, detached on drop.
-struct Loop {
-    dev: PathBuf,
-    losetup: PathBuf,
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new(&self.losetup)
-            .arg("-d")
-            .arg(&self.dev)
-            .status();
-    }
-}
-
-fn attach_loop(env: &Env, file: &Path) -> Result<Loop, String> {
-    let out = Command::new(&env.losetup)
-        .args(["-f", "--show"])
-        .arg(file)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    Ok(Loop {
-        dev: PathBuf::from(dev),
-        losetup: env.losetup.clone(),
-    })
-}
+mod common;
+use common::{attach_loop, find_tool, setup, sparse, Env, Loop};
 
 fn attach(env: &Env, file: &Path) -> Loop {
     attach_loop(env, file).expect("losetup worked in the environment probe")
