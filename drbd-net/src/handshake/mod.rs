@@ -38,34 +38,23 @@ pub const FEATURES: u32 = 0xf;
 /// Length of a cram-hmac challenge we send.
 pub const CHALLENGE_LEN: usize = 64;
 
-/// Wire values of the after-split-brain policies.
+/// Wire values of the after-split-brain policies. The policies themselves (names, mirroring,
+/// what each decides) live in [`drbd_core::uuid::AfterSbPolicy`]; these are its numbers as
+/// P_PROTOCOL carries them.
 pub mod asb {
-    pub const DISCONNECT: u32 = 0;
-    pub const DISCARD_YOUNGER_PRI: u32 = 1;
-    pub const DISCARD_OLDER_PRI: u32 = 2;
-    pub const DISCARD_ZERO_CHG: u32 = 3;
-    pub const DISCARD_LEAST_CHG: u32 = 4;
-    pub const DISCARD_LOCAL: u32 = 5;
-    pub const DISCARD_REMOTE: u32 = 6;
-    pub const CONSENSUS: u32 = 7;
-    pub const DISCARD_SECONDARY: u32 = 8;
-    pub const CALL_HELPER: u32 = 9;
-    pub const VIOLENTLY: u32 = 10;
+    use drbd_core::uuid::AfterSbPolicy as P;
 
-    /// drbd.conf spellings, by wire number.
-    const NAMES: [&str; 11] = [
-        "disconnect",
-        "discard-younger-primary",
-        "discard-older-primary",
-        "discard-zero-changes",
-        "discard-least-changes",
-        "discard-local",
-        "discard-remote",
-        "consensus",
-        "discard-secondary",
-        "call-pri-lost-after-sb",
-        "violently-as0p",
-    ];
+    pub const DISCONNECT: u32 = P::Disconnect as u32;
+    pub const DISCARD_YOUNGER_PRI: u32 = P::DiscardYoungerPrimary as u32;
+    pub const DISCARD_OLDER_PRI: u32 = P::DiscardOlderPrimary as u32;
+    pub const DISCARD_ZERO_CHG: u32 = P::DiscardZeroChanges as u32;
+    pub const DISCARD_LEAST_CHG: u32 = P::DiscardLeastChanges as u32;
+    pub const DISCARD_LOCAL: u32 = P::DiscardLocal as u32;
+    pub const DISCARD_REMOTE: u32 = P::DiscardRemote as u32;
+    pub const CONSENSUS: u32 = P::Consensus as u32;
+    pub const DISCARD_SECONDARY: u32 = P::DiscardSecondary as u32;
+    pub const CALL_HELPER: u32 = P::CallPriLostAfterSb as u32;
+    pub const VIOLENTLY: u32 = P::ViolentlyAs0p as u32;
 
     /// The policy number of a drbd.conf spelling (rr-conflict's `call-pri-lost` and
     /// `violently` included).
@@ -73,22 +62,19 @@ pub mod asb {
         match name {
             "call-pri-lost" => Some(CALL_HELPER),
             "violently" => Some(VIOLENTLY),
-            _ => NAMES.iter().position(|n| *n == name).map(|i| i as u32),
+            _ => P::from_name(name).map(P::wire),
         }
     }
 
     /// The drbd.conf spelling of a policy number.
     pub fn name(policy: u32) -> Option<&'static str> {
-        NAMES.get(policy as usize).copied()
+        P::from_wire(policy).map(P::name)
     }
 
-    /// The peer's view of a policy: what is "local" to it is "remote" to us.
-    pub fn mirrored(p: u32) -> u32 {
-        match p {
-            DISCARD_LOCAL => DISCARD_REMOTE,
-            DISCARD_REMOTE => DISCARD_LOCAL,
-            other => other,
-        }
+    /// The peer's view of a policy: what is "local" to it is "remote" to us. Unknown numbers
+    /// are returned unchanged (the comparison then fails on them).
+    pub fn mirrored(policy: u32) -> u32 {
+        P::from_wire(policy).map_or(policy, |p| p.mirrored().wire())
     }
 }
 
