@@ -483,18 +483,6 @@ fn host_pair(d: Direction) -> HostPair {
     }
 }
 
-/// The agreed protocol version and features of two features packets.
-fn agree(a: &ConnectionFeatures, b: &ConnectionFeatures) -> (u32, u32) {
-    let max = |f: &ConnectionFeatures| {
-        if f.protocol_max == 0 {
-            f.protocol_min
-        } else {
-            f.protocol_max
-        }
-    };
-    (max(a).min(max(b)), a.feature_flags & b.feature_flags)
-}
-
 /// Where a record goes in capture order: completing frame, stream, offset, then the order
 /// of decoding (the two directions of a stream may share an offset).
 type RecordKey = (u64, usize, u64, u64);
@@ -861,7 +849,7 @@ impl Analyzer {
                 self.streams[s].dirs[d].features = Some(*f);
                 match self.streams[s].dirs[1 - d].features {
                     Some(peer) => {
-                        let (version, features) = agree(f, &peer);
+                        let (version, features) = f.agree(&peer);
                         self.apply_agreement(s, version, features, work);
                         let pair = host_pair(self.direction(s, d));
                         self.pair_agreement.insert(pair, (s, version, features));
@@ -975,7 +963,7 @@ impl Analyzer {
                     Wait::PeerFeatures => {
                         let st = &self.streams[s].dirs[d];
                         let own = st.features.unwrap_or_default();
-                        let (version, features) = agree(&own, &own);
+                        let (version, features) = own.agree(&own);
                         (
                             "the peer's P_CONNECTION_FEATURES",
                             WireContext {

@@ -292,21 +292,20 @@ impl Handshake {
     pub fn on_frame(&mut self, frame: Frame) -> Result<Progress, HandshakeError> {
         match (self.phase, frame.packet) {
             (Phase::Features, Packet::ConnectionFeatures(peer)) => {
-                let peer_max = if peer.protocol_max == 0 {
-                    peer.protocol_min
-                } else {
-                    peer.protocol_max
-                };
-                if self.cfg.protocol_max < peer.protocol_min || self.cfg.protocol_min > peer_max {
+                let mine = ConnectionFeatures::new(
+                    self.cfg.protocol_min,
+                    self.cfg.features,
+                    self.cfg.protocol_max,
+                );
+                if !mine.compatible_with(&peer) {
                     return self.fail(HandshakeError::IncompatibleVersions {
                         my_min: self.cfg.protocol_min,
                         my_max: self.cfg.protocol_max,
                         peer_min: peer.protocol_min,
-                        peer_max,
+                        peer_max: peer.effective_max(),
                     });
                 }
-                self.ctx.protocol_version = self.cfg.protocol_max.min(peer_max);
-                self.ctx.features = self.cfg.features & peer.feature_flags;
+                (self.ctx.protocol_version, self.ctx.features) = mine.agree(&peer);
                 if self.cfg.auth.is_some() {
                     let ch = Bytes::copy_from_slice(&self.challenge);
                     self.send(0, Packet::AuthChallenge(ch));

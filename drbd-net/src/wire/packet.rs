@@ -189,6 +189,29 @@ impl Default for ConnectionFeatures {
 }
 
 impl ConnectionFeatures {
+    /// The highest version offered: a `protocol_max` of 0 means "only `protocol_min`".
+    pub fn effective_max(&self) -> u32 {
+        if self.protocol_max == 0 {
+            self.protocol_min
+        } else {
+            self.protocol_max
+        }
+    }
+
+    /// Whether the two ranges of versions overlap.
+    pub fn compatible_with(&self, peer: &ConnectionFeatures) -> bool {
+        self.effective_max() >= peer.protocol_min && self.protocol_min <= peer.effective_max()
+    }
+
+    /// The agreed protocol version (the lower of both maxima) and feature flags (those both
+    /// offer). Meaningful only for compatible ranges.
+    pub fn agree(&self, peer: &ConnectionFeatures) -> (u32, u32) {
+        (
+            self.effective_max().min(peer.effective_max()),
+            self.feature_flags & peer.feature_flags,
+        )
+    }
+
     /// An 8.4 features packet (reserved bytes zero).
     pub fn new(protocol_min: u32, feature_flags: u32, protocol_max: u32) -> Self {
         ConnectionFeatures {
