@@ -331,6 +331,27 @@ pub(crate) fn admit(op: DiskOp, completions: &Sender<Completion>) -> Result<Queu
     }
 }
 
+/// The submission path shared by the engines: admit `op` and hand it to the worker(s) over
+/// `ops` (`None` once the engine is closing).
+pub(crate) fn enqueue(
+    ops: Option<&std::sync::mpsc::SyncSender<Queued>>,
+    completions: &Sender<Completion>,
+    op: DiskOp,
+) -> Result<(), SubmitError> {
+    let Some(ops) = ops else {
+        return Err(SubmitError::Closed(op));
+    };
+    let queued = admit(op, completions)?;
+    match ops.try_send(queued) {
+        Ok(()) => Ok(()),
+        // Unreachable while the slot accounting holds; dropping the permit frees the slot.
+        Err(std::sync::mpsc::TrySendError::Full(queued)) => Err(SubmitError::QueueFull(queued.op)),
+        Err(std::sync::mpsc::TrySendError::Disconnected(queued)) => {
+            Err(SubmitError::Closed(queued.op))
+        }
+    }
+}
+
 /// Optional kernel features, learnt at run time and shared by an engine's threads. A
 /// feature starts as "supported" and is switched off the first time the kernel answers
 /// `EOPNOTSUPP`; the op that got the answer is redone the portable way.

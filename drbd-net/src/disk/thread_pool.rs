@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 
@@ -13,7 +13,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 use tokio::sync::mpsc::Sender;
 
 use super::{
-    admit, is_unsupported, AlignedBuf, Capabilities, Completion, DiskEngine, DiskOp, DiskOpKind,
+    enqueue, is_unsupported, AlignedBuf, Capabilities, Completion, DiskEngine, DiskOp, DiskOpKind,
     Queued, SimulatedFailures, SubmitError, ZERO_CHUNK_BYTES,
 };
 
@@ -101,16 +101,7 @@ impl DiskEngine for ThreadPoolEngine {
     }
 
     fn submit(&self, op: DiskOp) -> Result<(), SubmitError> {
-        let Some(ops) = &self.ops else {
-            return Err(SubmitError::Closed(op));
-        };
-        let queued = admit(op, &self.completions)?;
-        match ops.try_send(queued) {
-            Ok(()) => Ok(()),
-            // Unreachable while the slot accounting holds; dropping the permit frees the slot.
-            Err(TrySendError::Full(queued)) => Err(SubmitError::QueueFull(queued.op)),
-            Err(TrySendError::Disconnected(queued)) => Err(SubmitError::Closed(queued.op)),
-        }
+        enqueue(self.ops.as_ref(), &self.completions, op)
     }
 }
 

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -16,7 +16,7 @@ use rustix::io::{Errno, ReadWriteFlags};
 use tokio::sync::mpsc::Sender;
 
 use super::{
-    admit, is_unsupported, AlignedBuf, Capabilities, Completion, DiskEngine, DiskOp, DiskOpKind,
+    enqueue, is_unsupported, AlignedBuf, Capabilities, Completion, DiskEngine, DiskOp, DiskOpKind,
     Queued, SimulatedFailures, SubmitError, ZERO_CHUNK_BYTES,
 };
 
@@ -94,7 +94,7 @@ pub(crate) fn setup_ring(queue_depth: u32, simulate: &SimulatedFailures) -> io::
 pub struct UringEngine {
     /// Submission channel to the worker; `None` once `Drop` has closed it.
     ops: Option<SyncSender<Queued>>,
-    /// Completion channel; each accepted op reserves one slot of it (see [`admit`]).
+    /// Completion channel; each accepted op reserves one slot of it (see [`enqueue`](super::enqueue)).
     completions: Sender<Completion>,
     /// Eventfd the worker polls; bumped after every send.
     wake: Arc<OwnedFd>,
@@ -178,19 +178,9 @@ impl DiskEngine for UringEngine {
     }
 
     fn submit(&self, op: DiskOp) -> Result<(), SubmitError> {
-        let Some(ops) = &self.ops else {
-            return Err(SubmitError::Closed(op));
-        };
-        let queued = admit(op, &self.completions)?;
-        match ops.try_send(queued) {
-            Ok(()) => {
-                self.bump_wake();
-                Ok(())
-            }
-            // Unreachable while the slot accounting holds; dropping the permit frees the slot.
-            Err(TrySendError::Full(queued)) => Err(SubmitError::QueueFull(queued.op)),
-            Err(TrySendError::Disconnected(queued)) => Err(SubmitError::Closed(queued.op)),
-        }
+        enqueue(self.ops.as_ref(), &self.completions, op)?;
+        self.bump_wake();
+        Ok(())
     }
 }
 
