@@ -10,6 +10,8 @@
 //! * [`replication`]: the in-memory dirty bitmap (one bit per 4 KiB, with write-back of
 //!   changed on-disk pages) and the activity log (active 4 MiB extents, the transactions that
 //!   record them in the on-disk ring, and their replay after a crash).
+//! * [`state`]: DRBD 8.4's role, connection-state and disk-state enumerations with their wire
+//!   numbers and names.
 //! * [`uuid`]: the data generation UUIDs and their transitions (promotion, resync start and
 //!   end, `new-current-uuid`), DRBD 8.4's UUID comparison with its rule numbers, and the sync
 //!   handshake with the after-split-brain and `rr-conflict` policies.
@@ -22,4 +24,5 @@
 pub mod config;
 pub mod meta;
 pub mod replication;
+pub mod state;
 pub mod uuid;

@@ -111,101 +111,19 @@ pub const fn with_role_bit(uuid: u64, role: Role) -> u64 {
 // Roles and disk states
 // ------------------------------------------------------------------------------------------
 
-/// A node role, with DRBD 8.4's wire numbers (the same numbering as `drbd-net`'s
-/// `wire::state::Role`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// Not known (the peer's role while disconnected).
-    Unknown = 0,
-    /// Primary.
-    Primary = 1,
-    /// Secondary.
-    Secondary = 2,
-}
+pub use crate::state::{DiskState, Role};
 
-impl Role {
-    /// The role with this wire number.
-    pub fn from_wire(value: u8) -> Option<Role> {
-        match value {
-            0 => Some(Role::Unknown),
-            1 => Some(Role::Primary),
-            2 => Some(Role::Secondary),
-            _ => None,
-        }
-    }
-
-    /// The wire number.
-    pub fn wire(self) -> u8 {
-        self as u8
-    }
-
-    /// Whether this is [`Role::Primary`].
-    pub fn is_primary(self) -> bool {
-        self == Role::Primary
-    }
-}
-
-/// A disk state, DRBD 8.4 numbering (DRBD 9 inserts Detaching and shifts the rest). The order
-/// of the variants is the numeric order, which DRBD's comparisons (`>`, `<=`) rely on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum DiskState {
-    /// No backing device.
-    Diskless = 0,
-    /// Reading meta data.
-    Attaching = 1,
-    /// I/O error, about to become Diskless.
-    Failed = 2,
-    /// Attached while connected; the handshake decides the real state.
-    Negotiating = 3,
-    /// Not usable (resync target, fresh device).
-    Inconsistent = 4,
-    /// Consistent but known to be older than the peer's.
-    Outdated = 5,
-    /// Peer disk state unknown (only used for the peer).
-    DUnknown = 6,
-    /// Consistent; whether it is the newest is unknown.
-    Consistent = 7,
-    /// Current data.
-    UpToDate = 8,
-}
-
-impl DiskState {
-    /// The disk state with this (8.4) wire number.
-    pub fn from_wire(value: u8) -> Option<DiskState> {
-        use DiskState::*;
-        const ALL: [DiskState; 9] = [
-            Diskless,
-            Attaching,
-            Failed,
-            Negotiating,
-            Inconsistent,
-            Outdated,
-            DUnknown,
-            Consistent,
-            UpToDate,
-        ];
-        ALL.get(usize::from(value)).copied()
-    }
-
-    /// The (8.4) wire number.
-    pub fn wire(self) -> u8 {
-        self as u8
-    }
-
-    /// Whether a peer disk in this state holds data this node can replicate to: DRBD treats
-    /// anything below Inconsistent, DUnknown and Outdated as "no contact to the peer's data".
-    fn peer_data_usable(self) -> bool {
-        !(self < DiskState::Inconsistent
-            || self == DiskState::DUnknown
-            || self == DiskState::Outdated)
-    }
+/// Whether a peer disk in this state holds data this node can replicate to: DRBD treats
+/// anything below Inconsistent, DUnknown and Outdated as "no contact to the peer's data".
+fn peer_data_usable(disk: DiskState) -> bool {
+    !(disk < DiskState::Inconsistent || disk == DiskState::DUnknown || disk == DiskState::Outdated)
 }
 
 /// Whether a change of the peer's disk state from `old` to `new` loses contact to the peer's
 /// copy of the data (DRBD then may need a new current UUID, see
 /// [`GenerationUuids::on_peer_data_lost`]).
 pub fn lost_peer_data(old: DiskState, new: DiskState) -> bool {
-    old.peer_data_usable() && !new.peer_data_usable()
+    peer_data_usable(old) && !peer_data_usable(new)
 }
 
 // ------------------------------------------------------------------------------------------
