@@ -9,3 +9,5 @@
 
 pub mod activity_log;
 pub mod bitmap;
+pub mod msg;
+pub mod status;

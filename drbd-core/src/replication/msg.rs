@@ -1,0 +1,206 @@
+//! The messages two replicating nodes exchange after the connection handshake, as the core
+//! sees them: one variant per 8.4 packet the replication machine sends or handles, with the
+//! fields it uses. The wire layer (`drbd-net`) maps each variant to exactly one packet (or, for
+//! [`PeerMsg::Bitmap`], to the sequence of `P_BITMAP` / `P_COMPRESSED_BITMAP` packets that
+//! carries one bitmap) and back, so the core never sees bytes and the simulation can pass
+//! messages directly.
+
+use bytes::Bytes;
+
+use crate::state::{ConnState, DiskState, Role};
+use crate::uuid::UuidInfo;
+
+/// `DP_*` flags of data packets (`p_data.dp_flags`).
+pub mod dp {
+    /// Synchronous request (`REQ_SYNC`).
+    pub const RW_SYNC: u32 = 2;
+    /// The write may clear bits of the bitmap on both sides (resync running).
+    pub const MAY_SET_IN_SYNC: u32 = 4;
+    /// Forced unit access: durable when acknowledged.
+    pub const FUA: u32 = 16;
+    /// Flush the volatile cache before the write.
+    pub const FLUSH: u32 = 32;
+    /// A discard (`P_TRIM`).
+    pub const DISCARD: u32 = 64;
+    /// Protocol B: answer with `P_RECV_ACK` on receipt.
+    pub const SEND_RECEIVE_ACK: u32 = 128;
+    /// Protocol C: answer with `P_WRITE_ACK` when written.
+    pub const SEND_WRITE_ACK: u32 = 256;
+    /// Zero the range (`P_ZEROES`, or `P_TRIM` with [`DISCARD`]).
+    pub const ZEROES: u32 = 1024;
+}
+
+/// `block_id` of resync and verify requests (`ID_SYNCER`).
+pub const ID_SYNCER: u64 = u64::MAX;
+
+/// Which of the two TCP sockets a message travels on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Socket {
+    /// Data packets, requests, state and bitmaps.
+    Data,
+    /// Acknowledgements.
+    Meta,
+}
+
+/// The state word as sent in `P_STATE`: the sender's own view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerState {
+    /// The sender's role.
+    pub role: Role,
+    /// The sender's view of our role.
+    pub peer_role: Role,
+    /// The sender's connection state.
+    pub conn: ConnState,
+    /// The sender's disk state.
+    pub disk: DiskState,
+    /// The sender's view of our disk state.
+    pub peer_disk: DiskState,
+    /// The sender's user-requested sync pause (`user_isp`).
+    pub user_isp: bool,
+}
+
+/// What the handshake exchanged about one volume, as the core needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerHello {
+    /// The agreed protocol version.
+    pub protocol_version: u32,
+    /// The agreed feature flags.
+    pub features: u32,
+    /// This node holds `RESOLVE_CONFLICTS` (it accepted the meta socket).
+    pub resolve_conflicts: bool,
+    /// The peer's `P_UUIDS`.
+    pub uuids: UuidInfo,
+    /// The peer's `P_STATE`.
+    pub state: PeerState,
+    /// The peer's backing device size in sectors (`p_sizes.d_size`).
+    pub disk_sectors: u64,
+    /// The peer's configured size in sectors (`u_size`, 0 = none).
+    pub user_sectors: u64,
+    /// The peer's exposed size in sectors (`c_size`).
+    pub current_sectors: u64,
+    /// The peer asked to discard its own data (`CF_DISCARD_MY_DATA` in `P_PROTOCOL`).
+    pub discard_my_data: bool,
+}
+
+/// One message between peers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// `P_DATA`: an application write. Empty `data` with [`dp::FLUSH`] is an empty flush.
+    Data {
+        sector: u64,
+        block_id: u64,
+        seq: u32,
+        flags: u32,
+        data: Bytes,
+    },
+    /// `P_TRIM` (flags hold [`dp::DISCARD`]) or `P_ZEROES` (flags hold [`dp::ZEROES`]).
+    Trim {
+        sector: u64,
+        block_id: u64,
+        seq: u32,
+        flags: u32,
+        size: u32,
+    },
+    /// `P_BARRIER`: all writes of epoch `nr` were sent.
+    Barrier { nr: u32 },
+    /// `P_BARRIER_ACK`: epoch `nr` with `set_size` writes is on stable storage.
+    BarrierAck { nr: u32, set_size: u32 },
+    /// `P_RECV_ACK` (protocol B).
+    RecvAck(Ack),
+    /// `P_WRITE_ACK` (protocol C).
+    WriteAck(Ack),
+    /// `P_RS_WRITE_ACK`: a resync (or in-sync setting) write is done; clear the bits.
+    RsWriteAck(Ack),
+    /// `P_NEG_ACK`: the peer could not write.
+    NegAck(Ack),
+    /// `P_DATA_REQUEST`: read for an application request on a node without good local data.
+    DataRequest(BlockReq),
+    /// `P_DATA_REPLY`.
+    DataReply {
+        sector: u64,
+        block_id: u64,
+        data: Bytes,
+    },
+    /// `P_NEG_DREPLY`: the read failed.
+    NegDReply(Ack),
+    /// `P_RS_DATA_REQUEST`: the SyncTarget asks for a block.
+    RsDataRequest(BlockReq),
+    /// `P_RS_DATA_REPLY`.
+    RsDataReply {
+        sector: u64,
+        block_id: u64,
+        data: Bytes,
+    },
+    /// `P_NEG_RS_DREPLY`: the SyncSource could not read the block.
+    NegRsDReply(Ack),
+    /// `P_OUT_OF_SYNC`: mark the range out of sync.
+    OutOfSync { sector: u64, size: u32 },
+    /// `P_UUIDS` after the handshake (new current UUID, skip initial sync).
+    Uuids(UuidInfo),
+    /// `P_SYNC_UUID`: the SyncSource's new bitmap UUID; the target starts.
+    SyncUuid(u64),
+    /// `P_STATE`.
+    State(PeerState),
+    /// One whole bitmap, as a sequence of `P_BITMAP` / `P_COMPRESSED_BITMAP` packets on the
+    /// wire: 64-bit words, bit `i` of the device is bit `i % 64` of word `i / 64`.
+    Bitmap(Vec<u64>),
+}
+
+/// `p_block_ack` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub sector: u64,
+    pub block_id: u64,
+    pub size: u32,
+    pub seq: u32,
+}
+
+/// `p_block_req` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockReq {
+    pub sector: u64,
+    pub block_id: u64,
+    pub size: u32,
+}
+
+impl PeerMsg {
+    /// The socket DRBD sends this message on.
+    pub fn socket(&self) -> Socket {
+        match self {
+            PeerMsg::BarrierAck { .. }
+            | PeerMsg::RecvAck(_)
+            | PeerMsg::WriteAck(_)
+            | PeerMsg::RsWriteAck(_)
+            | PeerMsg::NegAck(_)
+            | PeerMsg::NegDReply(_)
+            | PeerMsg::NegRsDReply(_) => Socket::Meta,
+            _ => Socket::Data,
+        }
+    }
+
+    /// A short name for logs and errors (the 8.4 packet name).
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerMsg::Data { .. } => "P_DATA",
+            PeerMsg::Trim { flags, .. } if flags & dp::DISCARD == 0 => "P_ZEROES",
+            PeerMsg::Trim { .. } => "P_TRIM",
+            PeerMsg::Barrier { .. } => "P_BARRIER",
+            PeerMsg::BarrierAck { .. } => "P_BARRIER_ACK",
+            PeerMsg::RecvAck(_) => "P_RECV_ACK",
+            PeerMsg::WriteAck(_) => "P_WRITE_ACK",
+            PeerMsg::RsWriteAck(_) => "P_RS_WRITE_ACK",
+            PeerMsg::NegAck(_) => "P_NEG_ACK",
+            PeerMsg::DataRequest(_) => "P_DATA_REQUEST",
+            PeerMsg::DataReply { .. } => "P_DATA_REPLY",
+            PeerMsg::NegDReply(_) => "P_NEG_DREPLY",
+            PeerMsg::RsDataRequest(_) => "P_RS_DATA_REQUEST",
+            PeerMsg::RsDataReply { .. } => "P_RS_DATA_REPLY",
+            PeerMsg::NegRsDReply(_) => "P_NEG_RS_DREPLY",
+            PeerMsg::OutOfSync { .. } => "P_OUT_OF_SYNC",
+            PeerMsg::Uuids(_) => "P_UUIDS",
+            PeerMsg::SyncUuid(_) => "P_SYNC_UUID",
+            PeerMsg::State(_) => "P_STATE",
+            PeerMsg::Bitmap(_) => "P_BITMAP",
+        }
+    }
+}
