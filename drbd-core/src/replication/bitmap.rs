@@ -257,6 +257,45 @@ impl DirtyBitmap {
         Ok(changed)
     }
 
+    /// The bitmap as 64-bit words (bit `i` is bit `i % 64` of word `i / 64`), as the bitmap
+    /// exchange sends it.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// ORs a received bitmap (in the layout of [`DirtyBitmap::words`]) into this one; bits
+    /// past the end of the device are ignored. Returns how many bits were newly set, or an
+    /// error if the word count does not match.
+    pub fn merge_words(&mut self, words: &[u64]) -> Result<u64, BitmapError> {
+        if words.len() != self.words.len() {
+            return Err(BitmapError::SizeMismatch {
+                ours: self.bits,
+                theirs: words.len() as u64 * 64,
+            });
+        }
+        let mut other = DirtyBitmap::new(self.device_sectors)?;
+        other.words.copy_from_slice(words);
+        if let Some(last) = other.words.last_mut() {
+            let tail = self.bits % 64;
+            if tail != 0 {
+                *last &= (1u64 << tail) - 1;
+            }
+        }
+        other.set = other.recount();
+        self.merge_or(&other)
+    }
+
+    /// The first set bit at or after `from`, if any.
+    pub fn next_set(&self, from: u64) -> Option<u64> {
+        let b = self.next_with(from, true);
+        (b < self.bits).then_some(b)
+    }
+
+    /// The first clear bit at or after `from` (the bit count if none).
+    pub fn next_clear(&self, from: u64) -> u64 {
+        self.next_with(from, false).min(self.bits)
+    }
+
     /// Size of the on-disk bitmap for this device: whole 64-bit words, rounded up to 4 KiB.
     pub fn disk_bytes(&self) -> u64 {
         // Cannot fail: the size was checked in `new` and the granularity is the default.

@@ -9,5 +9,6 @@
 
 pub mod activity_log;
 pub mod bitmap;
+pub mod device;
 pub mod msg;
 pub mod status;

@@ -146,11 +146,15 @@ pub enum AdminRequest {
     Detach,
     /// Start connecting to the peer. `discard_my_data`: this node volunteers as the split-brain
     /// victim on the next handshake.
-    Connect { discard_my_data: bool },
+    Connect {
+        discard_my_data: bool,
+    },
     /// Drop the connection and stay StandAlone.
     Disconnect,
     /// Become Primary; `force` overrides missing UpToDate data (initial sync source).
-    Primary { force: bool },
+    Primary {
+        force: bool,
+    },
     /// Become Secondary.
     Secondary,
     /// Mark all local data out of date: full resync from the peer.
@@ -158,7 +162,9 @@ pub enum AdminRequest {
     /// Mark all of the peer's data out of date: full resync to the peer.
     InvalidateRemote,
     /// Start a new data generation; with `clear_bitmap` on a fresh pair, skip the initial sync.
-    NewCurrentUuid { clear_bitmap: bool },
+    NewCurrentUuid {
+        clear_bitmap: bool,
+    },
     /// Pause / resume the resync (`pause-sync`, `resume-sync`).
     PauseSync,
     ResumeSync,

@@ -1,0 +1,2799 @@
+//! The replication state machine of one volume: the sans-IO heart of a node.
+//!
+//! A [`Device`] owns everything DRBD keeps per volume — roles, connection and disk states,
+//! generation UUIDs, the dirty bitmap, the activity log, the transfer log of writes sent to the
+//! peer, the receive-side epochs, and the resync — and no I/O. Its inputs are method calls:
+//! application requests ([`Device::submit`]), completions of the disk operations it asked for
+//! ([`Device::disk_done`]), the connection coming up ([`Device::connected`]), messages from the
+//! peer ([`Device::received`]), the connection going away ([`Device::connection_lost`]),
+//! administrative requests ([`Device::admin`]) and the passing of time ([`Device::tick`]).
+//! Its outputs are [`Action`]s, drained with [`Device::poll_action`]: disk operations, messages
+//! to send, completions of application requests, metadata to persist, connection drops.
+//!
+//! # Write path (Primary)
+//!
+//! A write takes activity-log references on its 4 MiB extents (writing an AL transaction first
+//! when an extent was not active), is tagged with the current epoch, sent to the peer as
+//! `P_DATA` and written locally. It completes to the application when the local write is done
+//! and the network part is no longer pending: at once for protocol A, on `P_RECV_ACK` for B,
+//! on `P_WRITE_ACK` for C. It stays in the transfer log until the peer acknowledges its epoch
+//! with `P_BARRIER_ACK` (which the peer sends only after its writes of the epoch are on
+//! stable storage); if the connection is lost before that, its blocks are marked out of sync.
+//! An epoch is closed (`P_BARRIER` sent) when one of its writes completes to the application —
+//! later writes may depend on it — when it reached `max-epoch-size` writes, and by a flush.
+//!
+//! # Receive path (Secondary)
+//!
+//! Incoming writes are submitted at once, except that a write overlapping one still in flight
+//! waits for it: same-block writes reach the disk in the order they arrived on the data socket
+//! (application writes and resync data travel on the same socket). After `P_BARRIER(n)` and
+//! the completion of every write of epoch `n`, the backing device is flushed and
+//! `P_BARRIER_ACK(n, count)` sent.
+//!
+//! # Resync
+//!
+//! After the handshake both nodes run the 8.4 UUID comparison ([`crate::uuid::decide`]). The
+//! future SyncSource sends its bitmap, the future target merges it and answers with its own,
+//! the source merges that, starts a new bitmap UUID and sends `P_SYNC_UUID`. The target then
+//! pulls: every 100 ms the rate controller decides how many sectors to request, the bitmap is
+//! scanned for dirty blocks, merged into requests of up to [`RS_MAX_REQUEST_BYTES`], and sent
+//! as `P_RS_DATA_REQUEST`. The source reads and answers `P_RS_DATA_REPLY`; the target writes,
+//! clears the bits and answers `P_RS_WRITE_ACK`, on which the source clears its bits. A source
+//! never reads a block for resync while an application write to it is in flight locally, and
+//! an application write waits for a resync read of its blocks: so the order of a block's data
+//! on the data socket is the order of its versions.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::meta::flags::{
+    MDF_CONNECTED_IND, MDF_CONSISTENT, MDF_CRASHED_PRIMARY, MDF_PEER_OUT_DATED, MDF_PRIMARY_IND,
+    MDF_WAS_UP_TO_DATE,
+};
+use crate::replication::activity_log::{ActivityLog, AlDecision, AlWrite, BeginIoError};
+use crate::replication::bitmap::{DirtyBitmap, SECTORS_PER_BIT};
+use crate::replication::msg::{dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, ID_SYNCER};
+use crate::replication::status::{
+    AdminError, AdminRequest, ResyncProgress, StateRefusal, VolumeStatus,
+};
+use crate::state::{ConnState, DiskState, Role};
+use crate::uuid::{
+    self, CompareContext, GenerationUuids, HandshakeInput, HandshakeOutcome, LinkState,
+    NewCurrentUuid, Resync, SplitBrainPolicy, UuidFlags, UuidInfo,
+};
+
+/// Largest application request in bytes (DRBD's `DRBD_MAX_BIO_SIZE`); callers split larger
+/// ones.
+pub const MAX_REQUEST_BYTES: u32 = 1 << 20;
+/// Largest resync request: 256 KiB keeps one request's disk and network time short so that
+/// application writes are not starved behind it.
+pub const RS_MAX_REQUEST_BYTES: u32 = 256 << 10;
+/// Resync requests never cross a 16 MiB boundary (DRBD's resync extent).
+const RS_EXTENT_SECTORS: u64 = (16 << 20) / 512;
+/// The resync controller's step (DRBD's `SLEEP_TIME`).
+pub const RESYNC_STEP: Duration = Duration::from_millis(100);
+/// Most application requests in flight at once in one device; the runtime keeps below it.
+pub const MAX_APP_REQUESTS: usize = 1 << 16;
+/// Most plan slots of the resync controller (`c-plan-ahead` is at most 300 steps).
+const MAX_PLAN_STEPS: usize = 300;
+
+/// Replication protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Complete when handed to the network.
+    A,
+    /// Complete when the peer received the data.
+    B,
+    /// Complete when the peer wrote the data.
+    C,
+}
+
+impl Protocol {
+    /// The letter.
+    pub fn letter(self) -> char {
+        match self {
+            Protocol::A => 'A',
+            Protocol::B => 'B',
+            Protocol::C => 'C',
+        }
+    }
+}
+
+/// Resync speed settings (units as in drbd.conf).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResyncRate {
+    /// `resync-rate`, KiB/s (fixed rate, and the controller's initial rate).
+    pub rate_kib: u32,
+    /// `c-plan-ahead`, 0.1 s; 0 = fixed rate.
+    pub c_plan_ahead: u32,
+    /// `c-delay-target`, 0.1 s.
+    pub c_delay_target: u32,
+    /// `c-fill-target`, sectors.
+    pub c_fill_target: u32,
+    /// `c-max-rate`, KiB/s.
+    pub c_max_rate: u32,
+    /// `c-min-rate`, KiB/s.
+    pub c_min_rate: u32,
+}
+
+impl Default for ResyncRate {
+    fn default() -> ResyncRate {
+        ResyncRate {
+            rate_kib: 250,
+            c_plan_ahead: 20,
+            c_delay_target: 10,
+            c_fill_target: 100,
+            c_max_rate: 102_400,
+            c_min_rate: 250,
+        }
+    }
+}
+
+/// Per-volume replication settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    pub protocol: Protocol,
+    /// `max-epoch-size`: writes per epoch.
+    pub max_epoch_size: u32,
+    /// `max-buffers`: peer writes and resync requests in flight, in 4 KiB pages.
+    pub max_buffers: u32,
+    /// `disk-flushes`: flush the backing device before acknowledging a barrier.
+    pub disk_flushes: bool,
+    pub resync: ResyncRate,
+    pub split_brain: SplitBrainPolicy,
+    /// `allow-two-primaries`.
+    pub two_primaries: bool,
+    /// Seed of the generator for new UUIDs.
+    pub rng_seed: u64,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> DeviceConfig {
+        DeviceConfig {
+            protocol: Protocol::C,
+            max_epoch_size: 2048,
+            max_buffers: 2048,
+            disk_flushes: true,
+            resync: ResyncRate::default(),
+            split_brain: SplitBrainPolicy::default(),
+            two_primaries: false,
+            rng_seed: 0x5eed,
+        }
+    }
+}
+
+/// What the backing device's metadata held when it was attached.
+#[derive(Debug, Clone)]
+pub struct LocalDisk {
+    /// Usable size in sectors.
+    pub sectors: u64,
+    pub uuids: GenerationUuids,
+    /// `MDF_*` flags from the superblock.
+    pub flags: u32,
+    /// The bitmap, with the extents of the activity log already marked (crash recovery).
+    pub bitmap: DirtyBitmap,
+    /// The activity log (empty active set, next transaction number after the replayed ones).
+    pub al: ActivityLog,
+}
+
+/// Identifies an application request (chosen by the caller, unique while in flight).
+pub type ReqId = u64;
+/// Identifies a disk or metadata operation (chosen by the device).
+pub type IoId = u64;
+
+/// An application request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppOp {
+    Read { len: u32 },
+    Write { data: Bytes, fua: bool },
+    Flush,
+    Discard { len: u32 },
+    Zeroes { len: u32 },
+}
+
+/// Why an application request failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IoError {
+    /// Writes on a Secondary (EPERM).
+    #[error("the device is not Primary")]
+    ReadOnly,
+    /// Neither the local disk nor the peer has good data / could take the write (EIO).
+    #[error("no access to good data")]
+    NoData,
+    /// The local disk failed and the peer could not help (EIO).
+    #[error("I/O error")]
+    Disk,
+    /// Outside the device, misaligned, or too large (EINVAL).
+    #[error("invalid request")]
+    Invalid,
+}
+
+/// A disk operation for the runtime to perform on the backing device's data area.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOp {
+    Read { sector: u64, len: u32 },
+    Write { sector: u64, data: Bytes, fua: bool },
+    Flush,
+    Discard { sector: u64, len: u32 },
+    Zeroes { sector: u64, len: u32 },
+}
+
+/// Metadata to persist; the runtime writes it and reports completion with [`Device::disk_done`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaOp {
+    /// The superblock's UUIDs and flags (the runtime keeps the other fields), durably.
+    Superblock { uuids: GenerationUuids, flags: u32 },
+    /// Bitmap pages (index within the bitmap area, 4096 bytes each), durably.
+    BitmapPages { pages: Vec<(u64, Vec<u8>)> },
+    /// Write `pages` first, then the activity-log transaction, durably.
+    AlTransaction {
+        pages: Vec<(u64, Vec<u8>)>,
+        al: AlWrite,
+    },
+}
+
+/// Something the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Perform a disk operation; report with [`Device::disk_done`].
+    Disk { io: IoId, op: DiskOp },
+    /// Persist metadata; report with [`Device::disk_done`].
+    Meta { io: IoId, op: MetaOp },
+    /// Send a message on the current connection.
+    Send(PeerMsg),
+    /// Complete an application request (read data for reads).
+    Complete {
+        id: ReqId,
+        result: Result<Option<Bytes>, IoError>,
+    },
+    /// Drop the connection; `retry`: connect again after connect-int, else stay StandAlone.
+    Disconnect { reason: String, retry: bool },
+    /// A state change or event worth a log line.
+    Log(String),
+}
+
+/// A protocol violation by the peer: the connection must be dropped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("protocol error: {0}")]
+pub struct ProtocolError(pub String);
+
+/// What the local node tells the peer in the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalHello {
+    pub uuids: UuidInfo,
+    pub state: PeerState,
+    /// Backing device size in sectors (0 when diskless).
+    pub disk_sectors: u64,
+    /// Exposed size in sectors.
+    pub current_sectors: u64,
+    pub discard_my_data: bool,
+}
+
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Request {
+    sector: u64,
+    sectors: u64,
+    kind: ReqKind,
+    /// Waiting for its AL transaction (io id).
+    al_io: Option<IoId>,
+    /// Holds activity-log references (released when the request is destroyed).
+    al_held: bool,
+    local_pending: bool,
+    local_ok: bool,
+    net_pending: bool,
+    net_ok: bool,
+    /// In the transfer log (sent, epoch not yet acknowledged).
+    in_tl: bool,
+    completed: bool,
+    /// Read data, for reads.
+    data: Option<Bytes>,
+    /// A flush waiting for the acknowledgement of this barrier number.
+    flush_barrier: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReqKind {
+    Read,
+    Write { data: Bytes, fua: bool },
+    Flush,
+    Discard,
+    Zeroes,
+}
+
+impl ReqKind {
+    fn is_write(&self) -> bool {
+        matches!(
+            self,
+            ReqKind::Write { .. } | ReqKind::Discard | ReqKind::Zeroes
+        )
+    }
+}
+
+/// One epoch of the transfer log.
+#[derive(Debug)]
+struct TlEpoch {
+    nr: u32,
+    /// Requests sent in this epoch (ids; a request may already be completed).
+    reqs: Vec<ReqId>,
+    /// Ranges sent, for marking out of sync when the connection is lost.
+    ranges: Vec<(u64, u64)>,
+    /// `P_BARRIER` sent.
+    closed: bool,
+}
+
+/// A write received from the peer (application or resync).
+#[derive(Debug, Clone)]
+struct PeerWrite {
+    sector: u64,
+    sectors: u64,
+    block_id: u64,
+    flags: u32,
+    op: DiskOp,
+    resync: bool,
+    /// Receive epoch (index into the epoch sequence), for application writes.
+    epoch: Option<u64>,
+    /// Connection generation it arrived on.
+    conn_gen: u64,
+}
+
+#[derive(Debug)]
+struct RecvEpoch {
+    id: u64,
+    barrier: Option<u32>,
+    writes: u32,
+    pending: u32,
+    flushing: bool,
+    flushed: bool,
+}
+
+/// A read for the peer (data request or resync request).
+#[derive(Debug, Clone, Copy)]
+struct PeerRead {
+    sector: u64,
+    len: u32,
+    block_id: u64,
+    resync: bool,
+    conn_gen: u64,
+}
+
+#[derive(Debug)]
+enum IoPurpose {
+    AppLocal(ReqId),
+    AlFor(ReqId),
+    PeerWrite(PeerWrite),
+    PeerRead(PeerRead),
+    BarrierFlush {
+        epoch: u64,
+        conn_gen: u64,
+    },
+    Meta,
+    /// A superblock write that application writes wait for.
+    MetaGate,
+}
+
+#[derive(Debug)]
+struct ResyncState {
+    /// Bits out of sync when the resync started.
+    total: u64,
+    /// Target: next bit to look at.
+    cursor: u64,
+    /// Target: requests in flight: sector -> sectors.
+    in_flight: BTreeMap<u64, u64>,
+    in_flight_sectors: u64,
+    /// Target: blocks whose resync failed.
+    failed: u64,
+    paused_user: bool,
+    paused_peer: bool,
+    // Controller state.
+    last_step: Option<Duration>,
+    sect_in: u64,
+    plan: VecDeque<i64>,
+    plan_total: i64,
+    ctrl_in_flight: i64,
+    // Rate: (time, remaining bits) samples.
+    marks: VecDeque<(Duration, u64)>,
+}
+
+impl ResyncState {
+    fn new(total: u64) -> ResyncState {
+        ResyncState {
+            total,
+            cursor: 0,
+            in_flight: BTreeMap::new(),
+            in_flight_sectors: 0,
+            failed: 0,
+            paused_user: false,
+            paused_peer: false,
+            last_step: None,
+            sect_in: 0,
+            plan: VecDeque::new(),
+            plan_total: 0,
+            ctrl_in_flight: 0,
+            marks: VecDeque::new(),
+        }
+    }
+}
+
+/// The replication state machine of one volume. See the module documentation.
+#[derive(Debug)]
+pub struct Device {
+    cfg: DeviceConfig,
+    volume: u16,
+    minor: u32,
+    sectors: u64,
+    role: Role,
+    peer_role: Role,
+    conn: ConnState,
+    disk: DiskState,
+    peer_disk: DiskState,
+    standalone_reason: Option<String>,
+    uuids: GenerationUuids,
+    md_flags: u32,
+    bitmap: DirtyBitmap,
+    al: Option<ActivityLog>,
+    rng: u64,
+    now: Duration,
+
+    // Connection.
+    connected: bool,
+    conn_gen: u64,
+    protocol_version: u32,
+    features: u32,
+    resolve_conflicts: bool,
+    peer_uuids: Option<UuidInfo>,
+    peer_user_isp: bool,
+    discard_my_data: bool,
+    packet_seq: u32,
+    last_state_sent: Option<PeerState>,
+
+    // Application requests.
+    reqs: HashMap<ReqId, Request>,
+    waiting: VecDeque<ReqId>,
+    /// Superblock writes that application writes must wait for.
+    md_gate: u32,
+
+    // Transfer log.
+    tl: VecDeque<TlEpoch>,
+    epoch_nr: u32,
+    epoch_writes: u32,
+    close_epoch: bool,
+
+    // Receive side.
+    recv_epochs: VecDeque<RecvEpoch>,
+    next_recv_epoch: u64,
+    peer_writes_in_flight: HashMap<IoId, (u64, u64)>,
+    peer_waiting: VecDeque<PeerWrite>,
+    rs_reads_waiting: VecDeque<PeerRead>,
+    peer_reads_in_flight: HashMap<IoId, (u64, u64)>,
+
+    // I/O.
+    next_io: IoId,
+    ios: HashMap<IoId, IoPurpose>,
+
+    resync: Option<ResyncState>,
+    actions: VecDeque<Action>,
+
+    // Counters (sectors).
+    written: u64,
+    read: u64,
+    sent: u64,
+    received: u64,
+}
+
+fn sectors_of(len: u32) -> u64 {
+    u64::from(len) / 512
+}
+
+fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
+    a.0 < b.0 + b.1 && b.0 < a.0 + a.1
+}
+
+impl Device {
+    /// A device with `disk` attached (or Diskless when `None`), Secondary and StandAlone.
+    /// `sectors` is the exposed size (the disk's when attached).
+    pub fn new(
+        cfg: DeviceConfig,
+        volume: u16,
+        minor: u32,
+        sectors: u64,
+        disk: Option<LocalDisk>,
+    ) -> Result<Device, String> {
+        let rng = cfg.rng_seed | 1;
+        let (uuids, flags, bitmap, al, disk_state) = match disk {
+            Some(d) => {
+                if d.bitmap.device_sectors() != d.sectors || d.sectors != sectors {
+                    return Err(format!(
+                        "bitmap covers {} sectors, disk has {}, device {}",
+                        d.bitmap.device_sectors(),
+                        d.sectors,
+                        sectors
+                    ));
+                }
+                let mut flags = d.flags;
+                // A node that was Primary when it stopped without demoting crashed as Primary.
+                if flags & MDF_PRIMARY_IND != 0 {
+                    flags |= MDF_CRASHED_PRIMARY;
+                }
+                let state = if flags & MDF_CONSISTENT == 0 {
+                    DiskState::Inconsistent
+                } else if flags & MDF_WAS_UP_TO_DATE == 0 {
+                    // Consistent data that was not up to date when last written: Outdated.
+                    DiskState::Outdated
+                } else {
+                    // Consistent data is UpToDate when no fencing policy asks to wait for the
+                    // peer (8.4 attach with fencing dont-care).
+                    DiskState::UpToDate
+                };
+                (d.uuids, flags, d.bitmap, Some(d.al), state)
+            }
+            None => (
+                GenerationUuids::default(),
+                0,
+                DirtyBitmap::new(sectors).map_err(|e| e.to_string())?,
+                None,
+                DiskState::Diskless,
+            ),
+        };
+        let mut dev = Device {
+            cfg,
+            volume,
+            minor,
+            sectors,
+            role: Role::Secondary,
+            peer_role: Role::Unknown,
+            conn: ConnState::StandAlone,
+            disk: disk_state,
+            peer_disk: DiskState::DUnknown,
+            standalone_reason: None,
+            uuids,
+            md_flags: flags,
+            bitmap,
+            al,
+            rng,
+            now: Duration::ZERO,
+            connected: false,
+            conn_gen: 0,
+            protocol_version: 0,
+            features: 0,
+            resolve_conflicts: false,
+            peer_uuids: None,
+            peer_user_isp: false,
+            discard_my_data: false,
+            packet_seq: 0,
+            last_state_sent: None,
+            reqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            md_gate: 0,
+            tl: VecDeque::new(),
+            epoch_nr: 1,
+            epoch_writes: 0,
+            close_epoch: false,
+            recv_epochs: VecDeque::new(),
+            next_recv_epoch: 0,
+            peer_writes_in_flight: HashMap::new(),
+            peer_waiting: VecDeque::new(),
+            rs_reads_waiting: VecDeque::new(),
+            peer_reads_in_flight: HashMap::new(),
+            next_io: 1,
+            ios: HashMap::new(),
+            resync: None,
+            actions: VecDeque::new(),
+            written: 0,
+            read: 0,
+            sent: 0,
+            received: 0,
+        };
+        if dev.disk != DiskState::Diskless {
+            // Record the crashed-primary flag and that the node is no longer Primary.
+            dev.persist_superblock(false);
+        }
+        Ok(dev)
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Queries
+    // --------------------------------------------------------------------------------------
+
+    /// The next action, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+    pub fn peer_role(&self) -> Role {
+        self.peer_role
+    }
+    pub fn conn_state(&self) -> ConnState {
+        self.conn
+    }
+    pub fn disk_state(&self) -> DiskState {
+        self.disk
+    }
+    pub fn peer_disk_state(&self) -> DiskState {
+        self.peer_disk
+    }
+    pub fn uuids(&self) -> GenerationUuids {
+        self.uuids
+    }
+    /// The in-memory bitmap.
+    pub fn bitmap(&self) -> &DirtyBitmap {
+        &self.bitmap
+    }
+    /// The metadata flags as they should be on disk now.
+    pub fn md_flags(&self) -> u32 {
+        self.md_flags
+    }
+    /// Exposed size in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+    /// Whether the device has nothing in flight (requests, peer I/O, metadata writes).
+    pub fn is_idle(&self) -> bool {
+        self.reqs.is_empty() && self.ios.is_empty() && self.peer_waiting.is_empty()
+    }
+    /// Whether another peer write may be accepted now (`max-buffers`); when not, the runtime
+    /// stops reading from the data socket until disk completions arrive.
+    pub fn can_receive(&self) -> bool {
+        (self.peer_writes_in_flight.len() + self.peer_waiting.len()) < self.cfg.max_buffers as usize
+    }
+    /// The current connection generation (incremented by every [`Device::connected`]).
+    pub fn conn_gen(&self) -> u64 {
+        self.conn_gen
+    }
+
+    /// What to tell the peer in the next handshake.
+    pub fn local_hello(&self) -> LocalHello {
+        LocalHello {
+            uuids: self.uuid_info(),
+            state: self.state_word(),
+            disk_sectors: if self.disk == DiskState::Diskless {
+                0
+            } else {
+                self.sectors
+            },
+            current_sectors: self.sectors,
+            discard_my_data: self.discard_my_data,
+        }
+    }
+
+    /// The operator's view.
+    pub fn status(&self) -> VolumeStatus {
+        let resync = self.resync.as_ref().map(|r| {
+            let remaining = self.bitmap.count();
+            let rate_blocks = match (r.marks.front(), r.marks.back()) {
+                (Some(a), Some(b)) if b.0 > a.0 => {
+                    let secs = (b.0 - a.0).as_secs_f64();
+                    (a.1.saturating_sub(b.1)) as f64 / secs
+                }
+                _ => 0.0,
+            };
+            ResyncProgress {
+                total_blocks: r.total.max(remaining),
+                remaining_blocks: remaining,
+                rate_kib_s: (rate_blocks * 4.0) as u64,
+                eta_s: if rate_blocks > 0.0 {
+                    (remaining as f64 / rate_blocks) as u64
+                } else {
+                    0
+                },
+                paused: r.paused_user || r.paused_peer,
+            }
+        });
+        VolumeStatus {
+            volume: self.volume,
+            minor: self.minor,
+            role: self.role,
+            peer_role: self.peer_role,
+            conn: self.conn,
+            disk: self.disk,
+            peer_disk: self.peer_disk,
+            size_sectors: self.sectors,
+            out_of_sync_kib: self.bitmap.count() * 4,
+            resync,
+            protocol: self.cfg.protocol.letter(),
+            uuids: self.uuids.to_array(),
+            pending_writes: self
+                .reqs
+                .values()
+                .filter(|r| r.kind.is_write() && !r.completed)
+                .count() as u32,
+            written_kib: self.written / 2,
+            read_kib: self.read / 2,
+            sent_kib: self.sent / 2,
+            received_kib: self.received / 2,
+            standalone_reason: self.standalone_reason.clone(),
+        }
+    }
+
+    fn uuid_info(&self) -> UuidInfo {
+        let mut flags = 0;
+        if self.discard_my_data {
+            flags |= UuidFlags::DISCARD_MY_DATA.0;
+        }
+        if self.md_flags & MDF_CRASHED_PRIMARY != 0 {
+            flags |= UuidFlags::CRASHED_PRIMARY.0;
+        }
+        if self.disk <= DiskState::Inconsistent {
+            flags |= UuidFlags::INCONSISTENT.0;
+        }
+        UuidInfo::new(self.uuids, self.bitmap.count(), UuidFlags(flags))
+    }
+
+    fn state_word(&self) -> PeerState {
+        PeerState {
+            role: self.role,
+            peer_role: self.peer_role,
+            conn: self.conn,
+            disk: self.disk,
+            peer_disk: self.peer_disk,
+            user_isp: self.resync.as_ref().is_some_and(|r| r.paused_user),
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Small helpers
+    // --------------------------------------------------------------------------------------
+
+    fn random(&mut self) -> u64 {
+        // xorshift64*: deterministic for a seed, which the simulation relies on.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn io(&mut self, purpose: IoPurpose) -> IoId {
+        let id = self.next_io;
+        self.next_io += 1;
+        self.ios.insert(id, purpose);
+        id
+    }
+
+    fn log(&mut self, msg: impl Into<String>) {
+        self.actions.push_back(Action::Log(msg.into()));
+    }
+
+    fn send(&mut self, msg: PeerMsg) {
+        debug_assert!(self.connected, "send while not connected: {}", msg.name());
+        if self.connected {
+            self.actions.push_back(Action::Send(msg));
+        }
+    }
+
+    fn has_disk(&self) -> bool {
+        self.disk >= DiskState::Inconsistent
+    }
+
+    /// Whether writes are replicated now.
+    fn replicating(&self) -> bool {
+        self.connected
+            && matches!(
+                self.conn,
+                ConnState::Connected
+                    | ConnState::SyncSource
+                    | ConnState::SyncTarget
+                    | ConnState::PausedSyncS
+                    | ConnState::PausedSyncT
+            )
+            && self.peer_disk >= DiskState::Inconsistent
+    }
+
+    /// A connection state between the handshake and the start of a resync: writes wait.
+    fn transitional(&self) -> bool {
+        matches!(
+            self.conn,
+            ConnState::WfBitMapS | ConnState::WfBitMapT | ConnState::WfSyncUuid
+        )
+    }
+
+    fn in_sync_state(&self) -> bool {
+        matches!(
+            self.conn,
+            ConnState::SyncSource
+                | ConnState::SyncTarget
+                | ConnState::PausedSyncS
+                | ConnState::PausedSyncT
+        )
+    }
+
+    fn set_conn(&mut self, c: ConnState) {
+        if self.conn != c {
+            self.log(format!("conn( {} -> {} )", self.conn, c));
+            self.conn = c;
+        }
+    }
+
+    fn set_disk(&mut self, d: DiskState) {
+        if self.disk != d {
+            self.log(format!("disk( {} -> {} )", self.disk, d));
+            self.disk = d;
+        }
+    }
+
+    fn set_peer_disk(&mut self, d: DiskState) {
+        if self.peer_disk != d {
+            self.log(format!("pdsk( {} -> {} )", self.peer_disk, d));
+            self.peer_disk = d;
+        }
+    }
+
+    /// Sends `P_STATE` if the state word changed since the last one sent.
+    fn send_state(&mut self) {
+        if !self.connected {
+            return;
+        }
+        let s = self.state_word();
+        if self.last_state_sent != Some(s) {
+            self.last_state_sent = Some(s);
+            self.send(PeerMsg::State(s));
+        }
+    }
+
+    fn compute_flags(&self) -> u32 {
+        let mut f = self.md_flags
+            & !(MDF_CONSISTENT
+                | MDF_WAS_UP_TO_DATE
+                | MDF_PRIMARY_IND
+                | MDF_CONNECTED_IND
+                | MDF_PEER_OUT_DATED);
+        if self.disk >= DiskState::Outdated && self.disk != DiskState::DUnknown {
+            f |= MDF_CONSISTENT;
+        }
+        if self.disk == DiskState::UpToDate {
+            f |= MDF_WAS_UP_TO_DATE;
+        }
+        if self.role == Role::Primary {
+            f |= MDF_PRIMARY_IND;
+        }
+        if self.connected {
+            f |= MDF_CONNECTED_IND;
+        }
+        if self.peer_disk == DiskState::Outdated {
+            f |= MDF_PEER_OUT_DATED;
+        }
+        f
+    }
+
+    /// Persists UUIDs and flags. With `gate`, application writes wait for it to be durable
+    /// (a new data generation must be on disk before data of that generation).
+    fn persist_superblock(&mut self, gate: bool) {
+        if !self.has_disk() {
+            return;
+        }
+        self.md_flags = self.compute_flags();
+        let id = if gate {
+            self.md_gate += 1;
+            self.io(IoPurpose::MetaGate)
+        } else {
+            self.io(IoPurpose::Meta)
+        };
+        self.actions.push_back(Action::Meta {
+            io: id,
+            op: MetaOp::Superblock {
+                uuids: self.uuids,
+                flags: self.md_flags,
+            },
+        });
+    }
+
+    /// Writes the bitmap pages changed since the last write.
+    fn persist_bitmap(&mut self) {
+        if !self.has_disk() {
+            return;
+        }
+        let pages = self.bitmap.take_dirty_pages();
+        if pages.is_empty() {
+            return;
+        }
+        let pages = pages
+            .into_iter()
+            .filter_map(|p| self.bitmap.page_bytes(p).map(|b| (p, b)))
+            .collect();
+        let id = self.io(IoPurpose::Meta);
+        self.actions.push_back(Action::Meta {
+            io: id,
+            op: MetaOp::BitmapPages { pages },
+        });
+    }
+
+    fn mark_out_of_sync(&mut self, sector: u64, sectors: u64) {
+        let end = (sector + sectors).min(self.sectors);
+        if sector < end {
+            // The range was validated against the device size.
+            let _ = self.bitmap.set_sectors(sector, end - sector);
+        }
+    }
+
+    /// Clears the bits of blocks wholly inside the range (a partial block stays dirty).
+    fn mark_in_sync(&mut self, sector: u64, sectors: u64) {
+        let end = (sector + sectors).min(self.sectors);
+        let first = sector.div_ceil(SECTORS_PER_BIT);
+        // The device's last block may be partial: the range reaching the device end covers it.
+        let last = if end == self.sectors {
+            self.sectors.div_ceil(SECTORS_PER_BIT)
+        } else {
+            end / SECTORS_PER_BIT
+        };
+        if first < last {
+            self.bitmap.clear_bits(first..last);
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Application requests
+    // --------------------------------------------------------------------------------------
+
+    /// Submits an application request; its completion comes as [`Action::Complete`].
+    pub fn submit(&mut self, now: Duration, id: ReqId, sector: u64, op: AppOp) {
+        self.now = now;
+        let fail = |dev: &mut Device, e: IoError| {
+            dev.actions
+                .push_back(Action::Complete { id, result: Err(e) })
+        };
+        let len = match &op {
+            AppOp::Read { len } | AppOp::Discard { len } | AppOp::Zeroes { len } => *len,
+            AppOp::Write { data, .. } => match u32::try_from(data.len()) {
+                Ok(l) => l,
+                Err(_) => return fail(self, IoError::Invalid),
+            },
+            AppOp::Flush => 0,
+        };
+        let sectors = sectors_of(len);
+        let valid = len % 512 == 0
+            && len <= MAX_REQUEST_BYTES
+            && (len > 0 || matches!(op, AppOp::Flush))
+            && sector
+                .checked_add(sectors)
+                .is_some_and(|e| e <= self.sectors);
+        if !valid || self.reqs.contains_key(&id) || self.reqs.len() >= MAX_APP_REQUESTS {
+            return fail(self, IoError::Invalid);
+        }
+        let kind = match op {
+            AppOp::Read { .. } => ReqKind::Read,
+            AppOp::Write { data, fua } => ReqKind::Write { data, fua },
+            AppOp::Flush => ReqKind::Flush,
+            AppOp::Discard { .. } => ReqKind::Discard,
+            AppOp::Zeroes { .. } => ReqKind::Zeroes,
+        };
+        if kind.is_write() && self.role != Role::Primary {
+            return fail(self, IoError::ReadOnly);
+        }
+        self.reqs.insert(
+            id,
+            Request {
+                sector,
+                sectors,
+                kind,
+                al_io: None,
+                al_held: false,
+                local_pending: false,
+                local_ok: false,
+                net_pending: false,
+                net_ok: false,
+                in_tl: false,
+                completed: false,
+                data: None,
+                flush_barrier: None,
+            },
+        );
+        if self.may_start(id) {
+            self.start(id);
+        } else {
+            self.waiting.push_back(id);
+        }
+    }
+
+    /// Whether a request may start now (else it waits in `waiting`).
+    fn may_start(&self, id: ReqId) -> bool {
+        let r = &self.reqs[&id];
+        if !r.kind.is_write() {
+            return true;
+        }
+        if self.md_gate > 0 || self.transitional() {
+            return false;
+        }
+        // A write waits for resync reads of its blocks in flight.
+        let range = (r.sector, r.sectors);
+        !self
+            .peer_reads_in_flight
+            .values()
+            .any(|&(s, n)| overlaps(range, (s, n)))
+    }
+
+    fn retry_waiting(&mut self) {
+        let mut still = VecDeque::new();
+        while let Some(id) = self.waiting.pop_front() {
+            if !self.reqs.contains_key(&id) {
+                continue;
+            }
+            // Keep order among writes: once one waits, the ones behind it wait too.
+            if still.is_empty() && self.may_start(id) {
+                self.start(id);
+            } else {
+                still.push_back(id);
+            }
+        }
+        self.waiting = still;
+    }
+
+    fn start(&mut self, id: ReqId) {
+        let (kind_is_write, is_read, is_flush) = {
+            let r = &self.reqs[&id];
+            (
+                r.kind.is_write(),
+                matches!(r.kind, ReqKind::Read),
+                matches!(r.kind, ReqKind::Flush),
+            )
+        };
+        if is_read {
+            return self.start_read(id);
+        }
+        if is_flush {
+            return self.start_flush(id);
+        }
+        debug_assert!(kind_is_write);
+        if !self.has_disk() && !self.replicating() {
+            return self.finish_early(id, IoError::NoData);
+        }
+        if self.has_disk() {
+            let (sector, sectors) = (self.reqs[&id].sector, self.reqs[&id].sectors);
+            let al = self
+                .al
+                .as_mut()
+                .expect("an attached disk has an activity log");
+            match al.begin_io(sector, sectors) {
+                Ok(AlDecision::Proceed) => {
+                    self.reqs.get_mut(&id).expect("exists").al_held = true;
+                }
+                Ok(AlDecision::Transaction(w)) => {
+                    let r = self.reqs.get_mut(&id).expect("exists");
+                    r.al_held = true;
+                    // Bits of evicted extents must be on disk before the transaction that
+                    // forgets them: after a crash only active extents are resynced.
+                    let pages = w
+                        .bitmap_pages
+                        .iter()
+                        .filter(|&&p| self.bitmap.page_is_dirty(p))
+                        .filter_map(|&p| self.bitmap.page_bytes(p).map(|b| (p, b)))
+                        .collect::<Vec<_>>();
+                    for (p, _) in &pages {
+                        self.bitmap.mark_page_clean(*p);
+                    }
+                    let io = self.io(IoPurpose::AlFor(id));
+                    self.reqs.get_mut(&id).expect("exists").al_io = Some(io);
+                    self.actions.push_back(Action::Meta {
+                        io,
+                        op: MetaOp::AlTransaction { pages, al: w },
+                    });
+                    return;
+                }
+                Err(BeginIoError::Busy) => {
+                    // Retried when a write releases its extents.
+                    self.waiting.push_front(id);
+                    return;
+                }
+                Err(BeginIoError::BadRequest { .. }) => {
+                    return self.finish_early(id, IoError::Invalid);
+                }
+            }
+        }
+        self.issue_write(id);
+    }
+
+    fn finish_early(&mut self, id: ReqId, e: IoError) {
+        self.reqs.remove(&id);
+        self.actions
+            .push_back(Action::Complete { id, result: Err(e) });
+    }
+
+    /// Closes the current epoch: later writes go into a new one, and the peer is told with
+    /// `P_BARRIER` that the epoch is complete.
+    fn close_current_epoch(&mut self) {
+        self.close_epoch = false;
+        if self.epoch_writes == 0 {
+            return;
+        }
+        let nr = self.epoch_nr;
+        if let Some(e) = self.tl.back_mut() {
+            if e.nr == nr && !e.closed {
+                e.closed = true;
+                self.actions
+                    .push_back(Action::Send(PeerMsg::Barrier { nr }));
+            }
+        }
+        self.epoch_nr = self.epoch_nr.wrapping_add(1).max(1);
+        self.epoch_writes = 0;
+    }
+
+    fn issue_write(&mut self, id: ReqId) {
+        if self.close_epoch {
+            self.close_current_epoch();
+        }
+        let replicate = self.replicating();
+        let has_disk = self.has_disk();
+        let proto = self.cfg.protocol;
+        let r = self.reqs.get_mut(&id).expect("exists");
+        let (sector, sectors) = (r.sector, r.sectors);
+        let len = (sectors * 512) as u32;
+        let (disk_op, msg) = match &r.kind {
+            ReqKind::Write { data, fua } => {
+                let mut flags = if *fua { dp::FUA } else { 0 };
+                flags |= match proto {
+                    Protocol::A => 0,
+                    Protocol::B => dp::SEND_RECEIVE_ACK,
+                    Protocol::C => dp::SEND_WRITE_ACK,
+                };
+                (
+                    DiskOp::Write {
+                        sector,
+                        data: data.clone(),
+                        fua: *fua,
+                    },
+                    (data.clone(), flags),
+                )
+            }
+            ReqKind::Discard => (DiskOp::Discard { sector, len }, (Bytes::new(), dp::DISCARD)),
+            ReqKind::Zeroes => (DiskOp::Zeroes { sector, len }, (Bytes::new(), dp::ZEROES)),
+            _ => unreachable!("issue_write on a non-write"),
+        };
+        if replicate {
+            self.packet_seq = self.packet_seq.wrapping_add(1);
+            let seq = self.packet_seq;
+            let r = self.reqs.get_mut(&id).expect("exists");
+            r.net_pending = proto != Protocol::A;
+            r.net_ok = proto == Protocol::A;
+            r.in_tl = true;
+            let (data, mut flags) = msg;
+            let m = if matches!(r.kind, ReqKind::Write { .. }) {
+                PeerMsg::Data {
+                    sector,
+                    block_id: id,
+                    seq,
+                    flags,
+                    data,
+                }
+            } else {
+                flags |= match proto {
+                    Protocol::A => 0,
+                    Protocol::B => dp::SEND_RECEIVE_ACK,
+                    Protocol::C => dp::SEND_WRITE_ACK,
+                };
+                PeerMsg::Trim {
+                    sector,
+                    block_id: id,
+                    seq,
+                    flags,
+                    size: len,
+                }
+            };
+            let nr = self.epoch_nr;
+            if self.tl.back().map(|e| e.nr) != Some(nr) {
+                self.tl.push_back(TlEpoch {
+                    nr,
+                    reqs: Vec::new(),
+                    ranges: Vec::new(),
+                    closed: false,
+                });
+            }
+            let e = self.tl.back_mut().expect("just ensured");
+            e.reqs.push(id);
+            e.ranges.push((sector, sectors));
+            self.epoch_writes += 1;
+            self.sent += sectors;
+            self.send(m);
+            if self.epoch_writes >= self.cfg.max_epoch_size {
+                self.close_epoch = true;
+            }
+        } else {
+            // The peer does not get this write: it is out of sync.
+            self.mark_out_of_sync(sector, sectors);
+        }
+        if has_disk {
+            self.reqs.get_mut(&id).expect("exists").local_pending = true;
+            let io = self.io(IoPurpose::AppLocal(id));
+            self.actions.push_back(Action::Disk { io, op: disk_op });
+        }
+        self.maybe_complete(id);
+    }
+
+    fn start_read(&mut self, id: ReqId) {
+        let (sector, sectors) = (self.reqs[&id].sector, self.reqs[&id].sectors);
+        // A SyncTarget reads locally what is already in sync.
+        let first = sector / SECTORS_PER_BIT;
+        let last = (sector + sectors).div_ceil(SECTORS_PER_BIT);
+        let range_clean = self.bitmap.next_set(first).is_none_or(|b| b >= last);
+        let local_good = self.disk == DiskState::UpToDate
+            || (self.has_disk() && self.in_sync_state() && range_clean);
+        if local_good {
+            self.reqs.get_mut(&id).expect("exists").local_pending = true;
+            let io = self.io(IoPurpose::AppLocal(id));
+            self.actions.push_back(Action::Disk {
+                io,
+                op: DiskOp::Read {
+                    sector,
+                    len: (sectors * 512) as u32,
+                },
+            });
+        } else if self.role == Role::Primary
+            && self.replicating()
+            && self.peer_disk == DiskState::UpToDate
+        {
+            self.reqs.get_mut(&id).expect("exists").net_pending = true;
+            self.send(PeerMsg::DataRequest(BlockReq {
+                sector,
+                block_id: id,
+                size: (sectors * 512) as u32,
+            }));
+        } else {
+            self.finish_early(id, IoError::NoData);
+        }
+    }
+
+    fn start_flush(&mut self, id: ReqId) {
+        // Close the epoch so the peer flushes what it has, and wait for that acknowledgement.
+        if self.replicating() {
+            self.close_current_epoch();
+            let newest_sent = self.tl.iter().rev().find(|e| e.closed).map(|e| e.nr);
+            if let Some(nr) = newest_sent {
+                let r = self.reqs.get_mut(&id).expect("exists");
+                r.flush_barrier = Some(nr);
+                r.net_pending = true;
+            }
+        }
+        if self.has_disk() {
+            self.reqs.get_mut(&id).expect("exists").local_pending = true;
+            let io = self.io(IoPurpose::AppLocal(id));
+            self.actions.push_back(Action::Disk {
+                io,
+                op: DiskOp::Flush,
+            });
+        } else {
+            self.reqs.get_mut(&id).expect("exists").local_ok = true;
+        }
+        self.maybe_complete(id);
+    }
+
+    fn maybe_complete(&mut self, id: ReqId) {
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        if !r.completed && !r.local_pending && !r.net_pending {
+            r.completed = true;
+            let ok = r.local_ok || r.net_ok;
+            let result = if ok {
+                Ok(r.data.take())
+            } else if matches!(r.kind, ReqKind::Read) {
+                Err(IoError::NoData)
+            } else {
+                Err(IoError::Disk)
+            };
+            let is_write = r.kind.is_write();
+            self.actions.push_back(Action::Complete { id, result });
+            if is_write {
+                // Later writes may depend on this one: they go into a new epoch.
+                self.close_epoch = true;
+            }
+        }
+        self.maybe_destroy(id);
+    }
+
+    fn maybe_destroy(&mut self, id: ReqId) {
+        let Some(r) = self.reqs.get(&id) else {
+            return;
+        };
+        if !(r.completed && !r.in_tl && r.al_io.is_none()) {
+            return;
+        }
+        let r = self.reqs.remove(&id).expect("exists");
+        if r.kind.is_write() && !r.local_ok && self.has_disk() {
+            // The local disk does not have this write.
+            self.mark_out_of_sync(r.sector, r.sectors);
+        }
+        if r.al_held {
+            if let Some(al) = self.al.as_mut() {
+                let _ = al.complete_io(r.sector, r.sectors);
+            }
+            if !self.waiting.is_empty() {
+                self.retry_waiting();
+            }
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Disk completions
+    // --------------------------------------------------------------------------------------
+
+    /// A disk or metadata operation finished; `data` holds what a read returned.
+    pub fn disk_done(&mut self, now: Duration, io: IoId, result: Result<Option<Bytes>, ()>) {
+        self.now = now;
+        let Some(purpose) = self.ios.remove(&io) else {
+            debug_assert!(false, "completion of unknown io {io}");
+            return;
+        };
+        match purpose {
+            IoPurpose::AppLocal(id) => self.app_local_done(id, result),
+            IoPurpose::MetaGate => {
+                if result.is_err() {
+                    self.log("metadata write failed".to_string());
+                }
+                self.md_gate -= 1;
+                if self.md_gate == 0 {
+                    self.retry_waiting();
+                }
+            }
+            IoPurpose::AlFor(id) => {
+                if let Some(r) = self.reqs.get_mut(&id) {
+                    r.al_io = None;
+                }
+                if result.is_err() {
+                    self.log("activity log write failed; writing data anyway".to_string());
+                }
+                self.issue_write(id);
+            }
+            IoPurpose::PeerWrite(w) => self.peer_write_done(io, w, result.is_ok()),
+            IoPurpose::PeerRead(r) => self.peer_read_done(io, r, result),
+            IoPurpose::BarrierFlush { epoch, conn_gen } => {
+                if conn_gen == self.conn_gen && self.connected {
+                    if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == epoch) {
+                        e.flushing = false;
+                        e.flushed = true;
+                    }
+                    self.finish_recv_epochs();
+                }
+            }
+            IoPurpose::Meta => {
+                if result.is_err() {
+                    self.log("metadata write failed".to_string());
+                }
+            }
+        }
+    }
+
+    fn app_local_done(&mut self, id: ReqId, result: Result<Option<Bytes>, ()>) {
+        let remote_read_possible = self.replicating()
+            && self.peer_disk == DiskState::UpToDate
+            && self.role == Role::Primary;
+        let Some(r) = self.reqs.get_mut(&id) else {
+            return;
+        };
+        r.local_pending = false;
+        let (sector, sectors) = (r.sector, r.sectors);
+        match result {
+            Ok(data) => {
+                r.local_ok = true;
+                if matches!(r.kind, ReqKind::Read) {
+                    r.data = data;
+                    self.read += sectors;
+                } else if r.kind.is_write() {
+                    self.written += sectors;
+                }
+            }
+            Err(()) => {
+                r.local_ok = false;
+                if matches!(r.kind, ReqKind::Read) && remote_read_possible {
+                    // Retry the read at the peer.
+                    r.net_pending = true;
+                    self.send(PeerMsg::DataRequest(BlockReq {
+                        sector,
+                        block_id: id,
+                        size: (sectors * 512) as u32,
+                    }));
+                }
+            }
+        }
+        self.maybe_complete(id);
+        // Resync reads waiting for this write may go now.
+        if !self.rs_reads_waiting.is_empty() {
+            self.retry_rs_reads();
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Connection
+    // --------------------------------------------------------------------------------------
+
+    /// The handshake completed. `sent` is the [`LocalHello`] the runtime sent in it; if the
+    /// local state changed since, the handshake is repeated (the connection is dropped with a
+    /// retry).
+    pub fn connected(&mut self, now: Duration, hello: &PeerHello, sent: &LocalHello) {
+        self.now = now;
+        self.connected = true;
+        self.conn_gen += 1;
+        self.standalone_reason = None;
+        self.protocol_version = hello.protocol_version;
+        self.features = hello.features;
+        self.resolve_conflicts = hello.resolve_conflicts;
+        self.peer_uuids = Some(hello.uuids);
+        self.peer_role = hello.state.role;
+        self.peer_disk = hello.state.disk;
+        self.peer_user_isp = hello.state.user_isp;
+        self.last_state_sent = Some(sent.state);
+        self.recv_epochs.clear();
+        self.next_recv_epoch += 1;
+        self.recv_epochs.push_back(RecvEpoch {
+            id: self.next_recv_epoch,
+            barrier: None,
+            writes: 0,
+            pending: 0,
+            flushing: false,
+            flushed: false,
+        });
+        self.conn = ConnState::WfReportParams;
+        if sent.uuids != self.uuid_info() || sent.state.role != self.role {
+            self.lose_connection("local state changed during the handshake", true);
+            return;
+        }
+        if hello.current_sectors != 0
+            && hello.disk_sectors != 0
+            && hello.disk_sectors < self.sectors
+        {
+            self.lose_connection(
+                &format!(
+                    "the peer's disk ({} sectors) is smaller than this device ({} sectors)",
+                    hello.disk_sectors, self.sectors
+                ),
+                false,
+            );
+            return;
+        }
+        if self.role == Role::Primary && self.peer_role == Role::Primary && !self.cfg.two_primaries
+        {
+            self.lose_connection(
+                "both nodes are Primary and allow-two-primaries is not set",
+                false,
+            );
+            return;
+        }
+        self.log(format!(
+            "connected: protocol {} features 0x{:x}",
+            self.protocol_version, self.features
+        ));
+        self.sync_handshake(hello.discard_my_data);
+    }
+
+    /// Runs the UUID comparison and acts on it (after connecting, or when the peer's data
+    /// generation changed while connected).
+    fn sync_handshake(&mut self, _peer_discard: bool) {
+        let Some(peer) = self.peer_uuids else { return };
+        if !self.has_disk() || self.peer_disk < DiskState::Inconsistent {
+            // Nothing to compare: a diskless side just follows.
+            self.set_conn(ConnState::Connected);
+            self.send_state();
+            return;
+        }
+        let input = HandshakeInput {
+            local: self.uuid_info(),
+            peer,
+            context: CompareContext {
+                protocol_version: self.protocol_version,
+                feature_flags: self.features,
+                local_role: self.role,
+                peer_role: self.peer_role,
+                resolve_conflicts: self.resolve_conflicts,
+            },
+            local_disk: self.disk,
+            pending_disk: None,
+            peer_disk: self.peer_disk,
+            policy: self.cfg.split_brain,
+            can_demote: false,
+            dry_run: false,
+        };
+        let d = uuid::decide(&input);
+        if let Some(c) = d.comparison.correction.and_then(|c| c.local()) {
+            self.uuids = c;
+        }
+        if let Some(c) = d.comparison.correction.and_then(|c| c.peer()) {
+            if let Some(p) = self.peer_uuids.as_mut() {
+                p.uuids = c;
+            }
+        }
+        if d.split_brain.is_some() {
+            self.log("Split-Brain detected".to_string());
+        }
+        match d.outcome {
+            HandshakeOutcome::Proceed(plan) => {
+                self.discard_my_data = false;
+                self.start_plan(plan);
+            }
+            HandshakeOutcome::Disconnect(reason) => {
+                let why = match reason {
+                    uuid::DisconnectReason::UnrelatedData => "unrelated data, aborting".to_string(),
+                    uuid::DisconnectReason::SplitBrain => {
+                        "Split-Brain detected but unresolved, dropping connection".to_string()
+                    }
+                    uuid::DisconnectReason::InconsistentSyncSource => {
+                        "I shall become SyncSource, but I am inconsistent".to_string()
+                    }
+                    uuid::DisconnectReason::RrConflict => {
+                        "I shall become SyncTarget, but I am primary".to_string()
+                    }
+                    uuid::DisconnectReason::NeedsProtocol { version, .. } => {
+                        format!("the situation needs protocol version {version}")
+                    }
+                };
+                self.lose_connection(&why, false);
+            }
+            HandshakeOutcome::DryRun(_) => self.lose_connection("dry run", false),
+        }
+    }
+
+    fn start_plan(&mut self, plan: Resync) {
+        match plan {
+            Resync::None => {
+                // Same data generation: consistent disks are UpToDate together.
+                if self.disk >= DiskState::Outdated && self.peer_disk >= DiskState::Outdated {
+                    self.set_disk(DiskState::UpToDate);
+                    self.set_peer_disk(DiskState::UpToDate);
+                }
+                self.set_conn(ConnState::Connected);
+                self.persist_superblock(false);
+                self.send_state();
+                self.retry_waiting();
+            }
+            Resync::AsSource { full } => {
+                if full {
+                    let bits = self.bitmap.bits();
+                    self.bitmap.set_bits(0..bits);
+                }
+                self.set_conn(ConnState::WfBitMapS);
+                self.send_state();
+                let words = self.bitmap.words().to_vec();
+                self.send(PeerMsg::Bitmap(words));
+            }
+            Resync::AsTarget { full } => {
+                if full {
+                    let bits = self.bitmap.bits();
+                    self.bitmap.set_bits(0..bits);
+                }
+                self.set_conn(ConnState::WfBitMapT);
+                self.send_state();
+            }
+        }
+    }
+
+    /// The connection ended (socket closed, timeout, protocol error, disconnect).
+    pub fn connection_lost(&mut self, now: Duration, reason: &str) {
+        self.now = now;
+        if !self.connected {
+            return;
+        }
+        self.log(format!("connection lost: {reason}"));
+        self.teardown();
+        if self.conn != ConnState::StandAlone {
+            self.set_conn(ConnState::Unconnected);
+        }
+    }
+
+    /// Drops the connection from our side.
+    fn lose_connection(&mut self, reason: &str, retry: bool) {
+        self.actions.push_back(Action::Disconnect {
+            reason: reason.to_string(),
+            retry,
+        });
+        self.log(format!("dropping connection: {reason}"));
+        self.teardown();
+        if retry {
+            self.set_conn(ConnState::Unconnected);
+        } else {
+            self.standalone_reason = Some(reason.to_string());
+            self.set_conn(ConnState::StandAlone);
+        }
+    }
+
+    fn teardown(&mut self) {
+        self.connected = false;
+        let was_sync_target = matches!(
+            self.conn,
+            ConnState::SyncTarget | ConnState::PausedSyncT | ConnState::WfSyncUuid
+        );
+        // Every write not yet acknowledged by a barrier may be missing on the peer.
+        let tl = std::mem::take(&mut self.tl);
+        for e in tl {
+            for (s, n) in e.ranges {
+                self.mark_out_of_sync(s, n);
+            }
+            for id in e.reqs {
+                if let Some(r) = self.reqs.get_mut(&id) {
+                    r.in_tl = false;
+                    if r.net_pending {
+                        r.net_pending = false;
+                    }
+                }
+                self.maybe_complete(id);
+            }
+        }
+        // Requests still waiting for the peer (reads, flushes).
+        let ids: Vec<ReqId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.net_pending)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let r = self.reqs.get_mut(&id).expect("exists");
+            r.net_pending = false;
+            if matches!(r.kind, ReqKind::Flush) {
+                r.net_ok = false;
+            }
+            self.maybe_complete(id);
+        }
+        self.epoch_writes = 0;
+        self.epoch_nr = self.epoch_nr.wrapping_add(1).max(1);
+        self.close_epoch = false;
+        self.recv_epochs.clear();
+        self.rs_reads_waiting.clear();
+        self.resync = None;
+        let peer_role = self.peer_role;
+        self.peer_role = Role::Unknown;
+        let lost_peer_data = self.peer_disk >= DiskState::Inconsistent;
+        self.set_peer_disk(DiskState::DUnknown);
+        self.last_state_sent = None;
+        if was_sync_target && self.disk == DiskState::Inconsistent {
+            // Stays Inconsistent; the bitmap tells what is missing.
+        }
+        if lost_peer_data {
+            let random = self.random();
+            let a = self
+                .uuids
+                .on_peer_data_lost(random, self.role, peer_role, self.disk, false);
+            if a == uuid::PeerLossAction::NewCurrentUuid {
+                self.log(format!("new current UUID {:016X}", self.uuids.current));
+            }
+        }
+        self.persist_bitmap();
+        self.persist_superblock(false);
+        self.retry_waiting();
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Messages from the peer
+    // --------------------------------------------------------------------------------------
+
+    /// A message from the peer arrived. An error means the peer violated the protocol: the
+    /// device already dropped the connection (an [`Action::Disconnect`] is queued).
+    pub fn received(&mut self, now: Duration, msg: PeerMsg) -> Result<(), ProtocolError> {
+        self.now = now;
+        if !self.connected {
+            return Ok(());
+        }
+        let r = self.handle(msg);
+        if let Err(e) = &r {
+            self.lose_connection(&e.to_string(), true);
+        }
+        r
+    }
+
+    fn check_range(&self, sector: u64, size: u32, what: &str) -> Result<(), ProtocolError> {
+        let ok = size % 512 == 0
+            && size <= MAX_REQUEST_BYTES
+            && sector
+                .checked_add(sectors_of(size))
+                .is_some_and(|e| e <= self.sectors);
+        if ok {
+            Ok(())
+        } else {
+            Err(ProtocolError(format!(
+                "{what}: sector {sector} size {size} outside the device of {} sectors",
+                self.sectors
+            )))
+        }
+    }
+
+    fn handle(&mut self, msg: PeerMsg) -> Result<(), ProtocolError> {
+        match msg {
+            PeerMsg::Data {
+                sector,
+                block_id,
+                seq,
+                flags,
+                data,
+            } => {
+                let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                if data.is_empty() && flags & dp::FLUSH != 0 {
+                    // An empty flush: the next barrier ack covers it.
+                    return Ok(());
+                }
+                self.check_range(sector, size, "P_DATA")?;
+                let fua = flags & dp::FUA != 0;
+                self.receive_write(
+                    sector,
+                    size,
+                    block_id,
+                    seq,
+                    flags,
+                    DiskOp::Write { sector, data, fua },
+                    false,
+                );
+                Ok(())
+            }
+            PeerMsg::Trim {
+                sector,
+                block_id,
+                seq,
+                flags,
+                size,
+            } => {
+                self.check_range(sector, size, "P_TRIM")?;
+                let op = if flags & dp::ZEROES != 0 {
+                    DiskOp::Zeroes { sector, len: size }
+                } else {
+                    DiskOp::Discard { sector, len: size }
+                };
+                self.receive_write(sector, size, block_id, seq, flags, op, false);
+                Ok(())
+            }
+            PeerMsg::Barrier { nr } => {
+                let e = self
+                    .recv_epochs
+                    .back_mut()
+                    .ok_or_else(|| ProtocolError("barrier without epoch".into()))?;
+                e.barrier = Some(nr);
+                self.next_recv_epoch += 1;
+                self.recv_epochs.push_back(RecvEpoch {
+                    id: self.next_recv_epoch,
+                    barrier: None,
+                    writes: 0,
+                    pending: 0,
+                    flushing: false,
+                    flushed: false,
+                });
+                self.finish_recv_epochs();
+                Ok(())
+            }
+            PeerMsg::BarrierAck { nr, set_size } => self.barrier_acked(nr, set_size),
+            PeerMsg::RecvAck(a) | PeerMsg::WriteAck(a) => self.write_acked(a, true),
+            PeerMsg::RsWriteAck(a) => {
+                if a.block_id == ID_SYNCER {
+                    self.check_range(a.sector, a.size, "P_RS_WRITE_ACK")?;
+                    self.mark_in_sync(a.sector, sectors_of(a.size));
+                    self.note_resync_progress();
+                    self.maybe_finish_source();
+                    Ok(())
+                } else {
+                    self.write_acked(a, true)
+                }
+            }
+            PeerMsg::NegAck(a) => {
+                if a.block_id == ID_SYNCER {
+                    return Ok(());
+                }
+                self.write_acked(a, false)
+            }
+            PeerMsg::DataRequest(q) => {
+                self.check_range(q.sector, q.size, "P_DATA_REQUEST")?;
+                self.peer_read(q, false);
+                Ok(())
+            }
+            PeerMsg::RsDataRequest(q) => {
+                self.check_range(q.sector, q.size, "P_RS_DATA_REQUEST")?;
+                if !self.in_sync_state() && self.conn != ConnState::Connected {
+                    return Err(ProtocolError(format!(
+                        "P_RS_DATA_REQUEST in state {}",
+                        self.conn
+                    )));
+                }
+                self.peer_read(q, true);
+                Ok(())
+            }
+            PeerMsg::DataReply {
+                sector,
+                block_id,
+                data,
+            } => {
+                let r = self
+                    .reqs
+                    .get_mut(&block_id)
+                    .filter(|r| matches!(r.kind, ReqKind::Read) && r.net_pending)
+                    .ok_or_else(|| {
+                        ProtocolError(format!("P_DATA_REPLY for unknown request {block_id:#x}"))
+                    })?;
+                if r.sector != sector || r.sectors * 512 != data.len() as u64 {
+                    return Err(ProtocolError(
+                        "P_DATA_REPLY does not match its request".into(),
+                    ));
+                }
+                r.net_pending = false;
+                r.net_ok = true;
+                r.data = Some(data);
+                self.maybe_complete(block_id);
+                Ok(())
+            }
+            PeerMsg::NegDReply(a) => {
+                if let Some(r) = self.reqs.get_mut(&a.block_id) {
+                    r.net_pending = false;
+                    r.net_ok = false;
+                }
+                self.maybe_complete(a.block_id);
+                Ok(())
+            }
+            PeerMsg::RsDataReply {
+                sector,
+                block_id: _,
+                data,
+            } => {
+                let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
+                self.check_range(sector, size, "P_RS_DATA_REPLY")?;
+                let known = self
+                    .resync
+                    .as_mut()
+                    .and_then(|r| r.in_flight.remove(&sector).map(|n| (r, n)));
+                let Some((rs, n)) = known else {
+                    return Err(ProtocolError(format!(
+                        "P_RS_DATA_REPLY for sector {sector} that was not requested"
+                    )));
+                };
+                rs.in_flight_sectors -= n;
+                rs.sect_in += n;
+                self.received += n;
+                self.receive_write(
+                    sector,
+                    size,
+                    ID_SYNCER,
+                    0,
+                    0,
+                    DiskOp::Write {
+                        sector,
+                        data,
+                        fua: false,
+                    },
+                    true,
+                );
+                Ok(())
+            }
+            PeerMsg::NegRsDReply(a) => {
+                if let Some(rs) = self.resync.as_mut() {
+                    if let Some(n) = rs.in_flight.remove(&a.sector) {
+                        rs.in_flight_sectors -= n;
+                        rs.failed += n.div_ceil(SECTORS_PER_BIT);
+                    }
+                }
+                self.maybe_finish_target();
+                Ok(())
+            }
+            PeerMsg::OutOfSync { sector, size } => {
+                self.check_range(sector, size, "P_OUT_OF_SYNC")?;
+                self.mark_out_of_sync(sector, sectors_of(size));
+                Ok(())
+            }
+            PeerMsg::Uuids(info) => {
+                self.peer_uuids = Some(info);
+                let link = LinkState::Connected {
+                    protocol_version: self.protocol_version,
+                };
+                let role = self.role;
+                if self.uuids.accept_skip_initial_sync(&info, role, link) {
+                    self.log("skipping the initial sync: adopting the peer's UUID".to_string());
+                    let bits = self.bitmap.bits();
+                    self.bitmap.clear_bits(0..bits);
+                    self.set_disk(DiskState::UpToDate);
+                    self.set_peer_disk(DiskState::UpToDate);
+                    self.persist_bitmap();
+                    self.persist_superblock(false);
+                    self.send_state();
+                }
+                Ok(())
+            }
+            PeerMsg::SyncUuid(u) => {
+                if self.conn != ConnState::WfSyncUuid {
+                    return Err(ProtocolError(format!("P_SYNC_UUID in state {}", self.conn)));
+                }
+                let role = self.role;
+                self.uuids.adopt_sync_uuid(u, role);
+                self.set_disk(DiskState::Inconsistent);
+                self.set_peer_disk(DiskState::UpToDate);
+                self.set_conn(ConnState::SyncTarget);
+                self.persist_superblock(false);
+                let total = self.bitmap.count();
+                let mut rs = ResyncState::new(total);
+                rs.paused_peer = self.peer_user_isp;
+                rs.marks.push_back((self.now, total));
+                self.resync = Some(rs);
+                self.log(format!("resync started as SyncTarget: {} KiB", total * 4));
+                self.send_state();
+                self.maybe_finish_target();
+                self.retry_waiting();
+                Ok(())
+            }
+            PeerMsg::State(s) => self.peer_state(s),
+            PeerMsg::Bitmap(words) => self.bitmap_received(&words),
+        }
+    }
+
+    fn peer_state(&mut self, s: PeerState) -> Result<(), ProtocolError> {
+        let old_role = self.peer_role;
+        self.peer_role = s.role;
+        if self.peer_role != old_role {
+            self.log(format!("peer( {} -> {} )", old_role, self.peer_role));
+        }
+        if let Some(rs) = self.resync.as_mut() {
+            rs.paused_peer = s.user_isp;
+        }
+        self.peer_user_isp = s.user_isp;
+        if self.role == Role::Primary && s.role == Role::Primary && !self.cfg.two_primaries {
+            return Err(ProtocolError(
+                "the peer became Primary and allow-two-primaries is not set".into(),
+            ));
+        }
+        match self.conn {
+            ConnState::Connected => {
+                if matches!(s.conn, ConnState::WfBitMapT | ConnState::StartingSyncT) {
+                    // The peer invalidated itself: we become the source.
+                    self.set_peer_disk(DiskState::Inconsistent);
+                    self.start_plan(Resync::AsSource { full: false });
+                    return Ok(());
+                }
+                if matches!(s.conn, ConnState::WfBitMapS | ConnState::StartingSyncS) {
+                    // The peer invalidated us.
+                    self.set_conn(ConnState::WfBitMapT);
+                    return Ok(());
+                }
+                self.set_peer_disk(s.disk);
+                self.send_state();
+            }
+            ConnState::SyncSource | ConnState::PausedSyncS => {
+                if s.conn == ConnState::Connected {
+                    // The target finished (or gave up).
+                    self.set_peer_disk(s.disk);
+                    self.finish_source(s.disk == DiskState::UpToDate);
+                }
+            }
+            ConnState::SyncTarget | ConnState::PausedSyncT => {}
+            _ => {
+                if s.disk != DiskState::Negotiating && !self.transitional() {
+                    self.set_peer_disk(s.disk);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bitmap_received(&mut self, words: &[u64]) -> Result<(), ProtocolError> {
+        let merged = self
+            .bitmap
+            .merge_words(words)
+            .map_err(|e| ProtocolError(format!("bitmap: {e}")))?;
+        match self.conn {
+            ConnState::WfBitMapT => {
+                self.log(format!("received bitmap: {merged} new bits"));
+                let mine = self.bitmap.words().to_vec();
+                self.send(PeerMsg::Bitmap(mine));
+                self.set_conn(ConnState::WfSyncUuid);
+                Ok(())
+            }
+            ConnState::WfBitMapS => {
+                let random = self.random();
+                let u = self.uuids.start_sync_source(random);
+                self.persist_superblock(false);
+                self.persist_bitmap();
+                self.send(PeerMsg::SyncUuid(u));
+                self.set_conn(ConnState::SyncSource);
+                self.set_peer_disk(DiskState::Inconsistent);
+                let total = self.bitmap.count();
+                let mut rs = ResyncState::new(total);
+                rs.marks.push_back((self.now, total));
+                self.resync = Some(rs);
+                self.log(format!("resync started as SyncSource: {} KiB", total * 4));
+                self.send_state();
+                self.retry_waiting();
+                Ok(())
+            }
+            c => Err(ProtocolError(format!("bitmap received in state {c}"))),
+        }
+    }
+
+    fn write_acked(&mut self, a: Ack, ok: bool) -> Result<(), ProtocolError> {
+        let Some(r) = self.reqs.get_mut(&a.block_id) else {
+            return Err(ProtocolError(format!(
+                "ack for unknown request {:#x}",
+                a.block_id
+            )));
+        };
+        if !r.kind.is_write() || r.sector != a.sector {
+            return Err(ProtocolError(format!(
+                "ack for request {:#x} does not match it",
+                a.block_id
+            )));
+        }
+        if r.net_pending {
+            r.net_pending = false;
+            r.net_ok = ok;
+        }
+        if !ok {
+            let (s, n) = (r.sector, r.sectors);
+            self.mark_out_of_sync(s, n);
+        }
+        self.maybe_complete(a.block_id);
+        Ok(())
+    }
+
+    fn barrier_acked(&mut self, nr: u32, set_size: u32) -> Result<(), ProtocolError> {
+        let Some(e) = self.tl.front() else {
+            return Err(ProtocolError(format!(
+                "P_BARRIER_ACK {nr} with an empty transfer log"
+            )));
+        };
+        if !e.closed || e.nr != nr || e.reqs.len() != set_size as usize {
+            return Err(ProtocolError(format!(
+                "P_BARRIER_ACK {nr} (set size {set_size}) does not match the oldest epoch {} ({} writes)",
+                e.nr,
+                e.reqs.len()
+            )));
+        }
+        let e = self.tl.pop_front().expect("checked");
+        for id in e.reqs {
+            if let Some(r) = self.reqs.get_mut(&id) {
+                r.in_tl = false;
+                if r.net_pending {
+                    // The barrier ack implies the write is on the peer's disk.
+                    r.net_pending = false;
+                    r.net_ok = true;
+                }
+            }
+            self.maybe_complete(id);
+        }
+        // Flushes waiting for this barrier.
+        let flushes: Vec<ReqId> = self
+            .reqs
+            .iter()
+            .filter(|(_, r)| r.flush_barrier.is_some_and(|b| b == nr))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in flushes {
+            let r = self.reqs.get_mut(&id).expect("exists");
+            r.flush_barrier = None;
+            r.net_pending = false;
+            r.net_ok = true;
+            self.maybe_complete(id);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn receive_write(
+        &mut self,
+        sector: u64,
+        size: u32,
+        block_id: u64,
+        seq: u32,
+        flags: u32,
+        op: DiskOp,
+        resync: bool,
+    ) {
+        let sectors = sectors_of(size);
+        if !resync {
+            self.received += sectors;
+        }
+        let epoch = if resync {
+            None
+        } else {
+            let e = self.recv_epochs.back_mut().expect("connected has an epoch");
+            e.writes += 1;
+            e.pending += 1;
+            Some(e.id)
+        };
+        if !self.has_disk() {
+            // Nothing to write to: the peer marks the block out of sync.
+            if flags & (dp::SEND_WRITE_ACK | dp::SEND_RECEIVE_ACK) != 0 || resync {
+                self.send(PeerMsg::NegAck(Ack {
+                    sector,
+                    block_id,
+                    size,
+                    seq,
+                }));
+            }
+            if let Some(id) = epoch {
+                if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
+                    e.pending -= 1;
+                }
+                self.finish_recv_epochs();
+            }
+            return;
+        }
+        if flags & dp::SEND_RECEIVE_ACK != 0 {
+            self.packet_seq = self.packet_seq.wrapping_add(1);
+            let seq = self.packet_seq;
+            self.send(PeerMsg::RecvAck(Ack {
+                sector,
+                block_id,
+                size,
+                seq,
+            }));
+        }
+        let w = PeerWrite {
+            sector,
+            sectors,
+            block_id,
+            flags,
+            op,
+            resync,
+            epoch,
+            conn_gen: self.conn_gen,
+        };
+        let range = (sector, sectors);
+        let blocked = self
+            .peer_writes_in_flight
+            .values()
+            .any(|&r| overlaps(r, range))
+            || self
+                .peer_waiting
+                .iter()
+                .any(|p| overlaps((p.sector, p.sectors), range));
+        if blocked {
+            self.peer_waiting.push_back(w);
+        } else {
+            self.submit_peer_write(w);
+        }
+    }
+
+    fn submit_peer_write(&mut self, w: PeerWrite) {
+        let op = w.op.clone();
+        let range = (w.sector, w.sectors);
+        let io = self.io(IoPurpose::PeerWrite(w));
+        self.peer_writes_in_flight.insert(io, range);
+        self.actions.push_back(Action::Disk { io, op });
+    }
+
+    fn peer_write_done(&mut self, io: IoId, w: PeerWrite, ok: bool) {
+        self.peer_writes_in_flight.remove(&io);
+        if ok {
+            self.written += w.sectors;
+        }
+        let current = w.conn_gen == self.conn_gen && self.connected;
+        if w.resync {
+            if ok {
+                self.mark_in_sync(w.sector, w.sectors);
+            }
+            if current {
+                let ack = Ack {
+                    sector: w.sector,
+                    block_id: ID_SYNCER,
+                    size: (w.sectors * 512) as u32,
+                    seq: 0,
+                };
+                self.send(if ok {
+                    PeerMsg::RsWriteAck(ack)
+                } else {
+                    PeerMsg::NegAck(ack)
+                });
+                if !ok {
+                    if let Some(rs) = self.resync.as_mut() {
+                        rs.failed += w.sectors.div_ceil(SECTORS_PER_BIT);
+                    }
+                }
+                self.note_resync_progress();
+                self.maybe_finish_target();
+            }
+        } else {
+            if !ok {
+                self.mark_out_of_sync(w.sector, w.sectors);
+            }
+            if current {
+                if w.flags & dp::SEND_WRITE_ACK != 0 {
+                    self.packet_seq = self.packet_seq.wrapping_add(1);
+                    let ack = Ack {
+                        sector: w.sector,
+                        block_id: w.block_id,
+                        size: (w.sectors * 512) as u32,
+                        seq: self.packet_seq,
+                    };
+                    self.send(if ok {
+                        PeerMsg::WriteAck(ack)
+                    } else {
+                        PeerMsg::NegAck(ack)
+                    });
+                }
+                if let Some(id) = w.epoch {
+                    if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
+                        e.pending -= 1;
+                    }
+                    self.finish_recv_epochs();
+                }
+            }
+        }
+        // Writes that waited for this one.
+        let mut still = VecDeque::new();
+        while let Some(p) = self.peer_waiting.pop_front() {
+            let range = (p.sector, p.sectors);
+            let blocked = self
+                .peer_writes_in_flight
+                .values()
+                .any(|&r| overlaps(r, range))
+                || still
+                    .iter()
+                    .any(|q: &PeerWrite| overlaps((q.sector, q.sectors), range));
+            if blocked {
+                still.push_back(p);
+            } else {
+                self.submit_peer_write(p);
+            }
+        }
+        self.peer_waiting = still;
+    }
+
+    /// Acknowledges finished receive epochs in order (flushing first when configured).
+    fn finish_recv_epochs(&mut self) {
+        while let Some(e) = self.recv_epochs.front() {
+            let Some(nr) = e.barrier else { break };
+            if e.pending > 0 || e.flushing {
+                break;
+            }
+            if self.cfg.disk_flushes && e.writes > 0 && !e.flushed && self.has_disk() {
+                let (id, gen) = (e.id, self.conn_gen);
+                self.recv_epochs.front_mut().expect("exists").flushing = true;
+                let io = self.io(IoPurpose::BarrierFlush {
+                    epoch: id,
+                    conn_gen: gen,
+                });
+                self.actions.push_back(Action::Disk {
+                    io,
+                    op: DiskOp::Flush,
+                });
+                break;
+            }
+            let n = e.writes;
+            self.recv_epochs.pop_front();
+            self.send(PeerMsg::BarrierAck { nr, set_size: n });
+        }
+    }
+
+    fn peer_read(&mut self, q: BlockReq, resync: bool) {
+        let r = PeerRead {
+            sector: q.sector,
+            len: q.size,
+            block_id: q.block_id,
+            resync,
+            conn_gen: self.conn_gen,
+        };
+        let good = if resync {
+            self.disk == DiskState::UpToDate
+        } else {
+            self.disk == DiskState::UpToDate
+        };
+        if !good {
+            let ack = Ack {
+                sector: q.sector,
+                block_id: q.block_id,
+                size: q.size,
+                seq: 0,
+            };
+            self.send(if resync {
+                PeerMsg::NegRsDReply(ack)
+            } else {
+                PeerMsg::NegDReply(ack)
+            });
+            return;
+        }
+        if resync && self.rs_read_blocked(&r) {
+            self.rs_reads_waiting.push_back(r);
+            return;
+        }
+        self.submit_peer_read(r);
+    }
+
+    /// A resync read waits while an application write to its blocks is in flight locally.
+    fn rs_read_blocked(&self, r: &PeerRead) -> bool {
+        let range = (r.sector, sectors_of(r.len));
+        self.reqs.values().any(|q| {
+            q.kind.is_write()
+                && (q.local_pending || q.al_io.is_some())
+                && overlaps(range, (q.sector, q.sectors))
+        }) || self.waiting.iter().any(|id| {
+            self.reqs
+                .get(id)
+                .is_some_and(|q| q.kind.is_write() && overlaps(range, (q.sector, q.sectors)))
+        })
+    }
+
+    fn retry_rs_reads(&mut self) {
+        let mut still = VecDeque::new();
+        while let Some(r) = self.rs_reads_waiting.pop_front() {
+            if self.rs_read_blocked(&r) {
+                still.push_back(r);
+            } else {
+                self.submit_peer_read(r);
+            }
+        }
+        self.rs_reads_waiting = still;
+    }
+
+    fn submit_peer_read(&mut self, r: PeerRead) {
+        let io = self.io(IoPurpose::PeerRead(r));
+        if r.resync {
+            self.peer_reads_in_flight
+                .insert(io, (r.sector, sectors_of(r.len)));
+        }
+        self.actions.push_back(Action::Disk {
+            io,
+            op: DiskOp::Read {
+                sector: r.sector,
+                len: r.len,
+            },
+        });
+    }
+
+    fn peer_read_done(&mut self, io: IoId, r: PeerRead, result: Result<Option<Bytes>, ()>) {
+        self.peer_reads_in_flight.remove(&io);
+        if r.conn_gen == self.conn_gen && self.connected {
+            match result {
+                Ok(Some(data)) if data.len() == r.len as usize => {
+                    self.sent += sectors_of(r.len);
+                    self.read += sectors_of(r.len);
+                    self.send(if r.resync {
+                        PeerMsg::RsDataReply {
+                            sector: r.sector,
+                            block_id: r.block_id,
+                            data,
+                        }
+                    } else {
+                        PeerMsg::DataReply {
+                            sector: r.sector,
+                            block_id: r.block_id,
+                            data,
+                        }
+                    });
+                }
+                _ => {
+                    let ack = Ack {
+                        sector: r.sector,
+                        block_id: r.block_id,
+                        size: r.len,
+                        seq: 0,
+                    };
+                    self.send(if r.resync {
+                        PeerMsg::NegRsDReply(ack)
+                    } else {
+                        PeerMsg::NegDReply(ack)
+                    });
+                }
+            }
+        }
+        if r.resync && !self.waiting.is_empty() {
+            self.retry_waiting();
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Resync
+    // --------------------------------------------------------------------------------------
+
+    fn note_resync_progress(&mut self) {
+        let now = self.now;
+        let remaining = self.bitmap.count();
+        if let Some(rs) = self.resync.as_mut() {
+            if rs
+                .marks
+                .back()
+                .is_none_or(|m| now >= m.0 + Duration::from_secs(1))
+            {
+                rs.marks.push_back((now, remaining));
+                while rs.marks.len() > 6 {
+                    rs.marks.pop_front();
+                }
+            }
+        }
+    }
+
+    fn maybe_finish_source(&mut self) {
+        if matches!(self.conn, ConnState::SyncSource | ConnState::PausedSyncS)
+            && self.bitmap.count() == 0
+        {
+            self.finish_source(true);
+        }
+    }
+
+    fn finish_source(&mut self, peer_up_to_date: bool) {
+        if self.resync.take().is_none() {
+            return;
+        }
+        if peer_up_to_date {
+            self.uuids.finish_sync_source();
+            self.set_peer_disk(DiskState::UpToDate);
+            self.md_flags &= !MDF_CRASHED_PRIMARY;
+            self.log("resync done (SyncSource)".to_string());
+        } else {
+            self.log("resync ended with failed blocks on the target".to_string());
+        }
+        self.set_conn(ConnState::Connected);
+        self.persist_superblock(false);
+        self.persist_bitmap();
+        self.send_state();
+    }
+
+    fn maybe_finish_target(&mut self) {
+        if !matches!(self.conn, ConnState::SyncTarget | ConnState::PausedSyncT) {
+            return;
+        }
+        let Some(rs) = self.resync.as_ref() else {
+            return;
+        };
+        let pending_writes =
+            !self.peer_writes_in_flight.is_empty() || !self.peer_waiting.is_empty();
+        if !rs.in_flight.is_empty() || pending_writes {
+            return;
+        }
+        let remaining = self.bitmap.count();
+        if remaining > 0 && (rs.failed == 0 || rs.cursor < self.bitmap.bits()) {
+            return;
+        }
+        let failed = remaining > 0;
+        self.resync = None;
+        if failed {
+            self.log(format!("resync finished with {remaining} blocks failed"));
+        } else if let Some(peer) = self.peer_uuids {
+            let role = self.role;
+            self.uuids.finish_sync_target(&peer.uuids, role);
+            self.set_disk(DiskState::UpToDate);
+            self.md_flags &= !MDF_CRASHED_PRIMARY;
+            self.log("resync done (SyncTarget)".to_string());
+        }
+        self.set_conn(ConnState::Connected);
+        self.persist_superblock(false);
+        self.persist_bitmap();
+        self.send_state();
+    }
+
+    /// The resync controller (8.4 `drbd_rs_controller`): sectors to request in this step.
+    fn controller(&mut self) -> u64 {
+        let cfg = self.cfg.resync;
+        let Some(rs) = self.resync.as_mut() else {
+            return 0;
+        };
+        let step_secs = RESYNC_STEP.as_secs_f64();
+        if cfg.c_plan_ahead == 0 {
+            return (f64::from(cfg.rate_kib) * 2.0 * step_secs) as u64;
+        }
+        let steps = (cfg.c_plan_ahead as usize).clamp(1, MAX_PLAN_STEPS);
+        if rs.plan.len() != steps {
+            rs.plan = VecDeque::from(vec![0; steps]);
+            rs.plan_total = 0;
+        }
+        let sect_in = rs.sect_in as i64;
+        rs.sect_in = 0;
+        rs.ctrl_in_flight = (rs.ctrl_in_flight - sect_in).max(0);
+        let want: i64 = if rs.ctrl_in_flight == 0 && sect_in == 0 && rs.plan_total == 0 {
+            (f64::from(cfg.rate_kib) * 2.0 * step_secs) as i64 * steps as i64
+        } else if cfg.c_fill_target != 0 {
+            i64::from(cfg.c_fill_target)
+        } else {
+            sect_in * i64::from(cfg.c_delay_target) * 10 / 10
+        };
+        let correction = want - rs.ctrl_in_flight - rs.plan_total;
+        let cps = correction / steps as i64;
+        for slot in rs.plan.iter_mut() {
+            *slot += cps;
+        }
+        rs.plan_total += cps * steps as i64;
+        let curr = rs.plan.pop_front().unwrap_or(0);
+        rs.plan_total -= curr;
+        rs.plan.push_back(0);
+        let max = (f64::from(cfg.c_max_rate) * 2.0 * step_secs) as i64;
+        let req = (sect_in + curr).clamp(0, max);
+        rs.ctrl_in_flight += req;
+        req as u64
+    }
+
+    /// Time passed: the SyncTarget requests the next blocks.
+    pub fn tick(&mut self, now: Duration) {
+        self.now = now;
+        if !matches!(self.conn, ConnState::SyncTarget) || !self.connected {
+            return;
+        }
+        let due = {
+            let Some(rs) = self.resync.as_mut() else {
+                return;
+            };
+            if rs.paused_user || rs.paused_peer {
+                return;
+            }
+            match rs.last_step {
+                Some(t) if now < t + RESYNC_STEP => false,
+                _ => {
+                    rs.last_step = Some(now);
+                    true
+                }
+            }
+        };
+        if !due {
+            return;
+        }
+        let budget = self.controller();
+        self.request_resync_blocks(budget);
+        self.note_resync_progress();
+        self.maybe_finish_target();
+    }
+
+    fn request_resync_blocks(&mut self, mut budget: u64) {
+        // At most half of max-buffers in flight, as DRBD caps its resync requests.
+        let cap = u64::from(self.cfg.max_buffers).max(2) / 2 * SECTORS_PER_BIT;
+        let bits = self.bitmap.bits();
+        let max_bits = u64::from(RS_MAX_REQUEST_BYTES) / 512 / SECTORS_PER_BIT;
+        loop {
+            let Some(rs) = self.resync.as_ref() else {
+                return;
+            };
+            if budget == 0 || rs.in_flight_sectors >= cap {
+                break;
+            }
+            let cursor = rs.cursor;
+            let Some(first) = self.bitmap.next_set(cursor) else {
+                let rs = self.resync.as_mut().expect("checked");
+                rs.cursor = bits;
+                break;
+            };
+            // Extend the run, not past the request size, a resync extent or the device end.
+            let extent_end_bit = ((first * SECTORS_PER_BIT) / RS_EXTENT_SECTORS + 1)
+                * RS_EXTENT_SECTORS
+                / SECTORS_PER_BIT;
+            let limit = (first + max_bits).min(extent_end_bit).min(bits);
+            let end = self.bitmap.next_clear(first).min(limit);
+            let sector = first * SECTORS_PER_BIT;
+            let end_sector = (end * SECTORS_PER_BIT).min(self.sectors);
+            let sectors = end_sector - sector;
+            let rs = self.resync.as_mut().expect("checked");
+            rs.cursor = end;
+            if rs
+                .in_flight
+                .range(..end_sector)
+                .next_back()
+                .is_some_and(|(&s, &n)| s + n > sector)
+            {
+                continue;
+            }
+            rs.in_flight.insert(sector, sectors);
+            rs.in_flight_sectors += sectors;
+            budget = budget.saturating_sub(sectors);
+            self.send(PeerMsg::RsDataRequest(BlockReq {
+                sector,
+                block_id: ID_SYNCER,
+                size: (sectors * 512) as u32,
+            }));
+        }
+    }
+
+    // --------------------------------------------------------------------------------------
+    // Administration
+    // --------------------------------------------------------------------------------------
+
+    /// Applies an administrative request. Attach, detach, connect and disconnect are the
+    /// runtime's business (they create, rebuild or reconnect the device); here they are
+    /// refused.
+    pub fn admin(&mut self, now: Duration, req: AdminRequest) -> Result<(), AdminError> {
+        self.now = now;
+        match req {
+            AdminRequest::Primary { force } => self.promote(force),
+            AdminRequest::Secondary => {
+                if self.role == Role::Secondary {
+                    return Ok(());
+                }
+                self.role = Role::Secondary;
+                self.log("role( Primary -> Secondary )".to_string());
+                self.uuids.demote();
+                self.persist_superblock(false);
+                self.send_state();
+                Ok(())
+            }
+            AdminRequest::Invalidate => {
+                if !self.has_disk() {
+                    return Err(AdminError::State(StateRefusal::NoLocalDisk));
+                }
+                if self.conn == ConnState::Connected {
+                    if self.peer_disk != DiskState::UpToDate {
+                        return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+                    }
+                    let bits = self.bitmap.bits();
+                    self.bitmap.set_bits(0..bits);
+                    self.set_disk(DiskState::Inconsistent);
+                    self.start_plan(Resync::AsTarget { full: false });
+                    Ok(())
+                } else if !self.connected
+                    || self.conn == ConnState::StandAlone
+                    || self.conn == ConnState::Unconnected
+                {
+                    // Not connected: the whole device will be synced from the peer.
+                    if self.role == Role::Primary {
+                        return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+                    }
+                    let bits = self.bitmap.bits();
+                    self.bitmap.set_bits(0..bits);
+                    self.set_disk(DiskState::Inconsistent);
+                    self.persist_bitmap();
+                    self.persist_superblock(false);
+                    Ok(())
+                } else {
+                    Err(AdminError::State(StateRefusal::ConcurrentChange))
+                }
+            }
+            AdminRequest::InvalidateRemote => {
+                if self.conn != ConnState::Connected {
+                    return Err(AdminError::State(StateRefusal::NeedConnection));
+                }
+                if self.disk != DiskState::UpToDate {
+                    return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+                }
+                let bits = self.bitmap.bits();
+                self.bitmap.set_bits(0..bits);
+                self.set_peer_disk(DiskState::Inconsistent);
+                self.start_plan(Resync::AsSource { full: false });
+                Ok(())
+            }
+            AdminRequest::NewCurrentUuid { clear_bitmap } => {
+                if !self.has_disk() {
+                    return Err(AdminError::State(StateRefusal::NoLocalDisk));
+                }
+                let link = if !self.connected {
+                    LinkState::StandAlone
+                } else if self.conn == ConnState::Connected {
+                    LinkState::Connected {
+                        protocol_version: self.protocol_version,
+                    }
+                } else {
+                    LinkState::Other
+                };
+                let random = self.random();
+                let role = self.role;
+                match self
+                    .uuids
+                    .new_current_by_user(random, role, clear_bitmap, link)
+                {
+                    Ok(NewCurrentUuid::Generated { clear_bitmap }) => {
+                        if clear_bitmap {
+                            let bits = self.bitmap.bits();
+                            self.bitmap.clear_bits(0..bits);
+                            self.persist_bitmap();
+                        }
+                        self.persist_superblock(true);
+                        Ok(())
+                    }
+                    Ok(NewCurrentUuid::SkipInitialSync { announce }) => {
+                        let bits = self.bitmap.bits();
+                        self.bitmap.clear_bits(0..bits);
+                        let mut info = UuidInfo::new(announce, 0, UuidFlags::SKIP_INITIAL_SYNC);
+                        info.flags.0 |= self.uuid_info().flags.0 & !UuidFlags::INCONSISTENT.0;
+                        self.send(PeerMsg::Uuids(info));
+                        self.set_disk(DiskState::UpToDate);
+                        self.set_peer_disk(DiskState::UpToDate);
+                        self.persist_bitmap();
+                        self.persist_superblock(true);
+                        self.send_state();
+                        Ok(())
+                    }
+                    Err(e) => Err(AdminError::Other {
+                        exit_code: 11,
+                        message: format!("new-current-uuid: {e}"),
+                    }),
+                }
+            }
+            AdminRequest::PauseSync | AdminRequest::ResumeSync => {
+                let pause = req == AdminRequest::PauseSync;
+                let Some(rs) = self.resync.as_mut() else {
+                    return Err(AdminError::Other {
+                        exit_code: 11,
+                        message: "no resync running".to_string(),
+                    });
+                };
+                rs.paused_user = pause;
+                let target = matches!(self.conn, ConnState::SyncTarget | ConnState::PausedSyncT);
+                let c = match (pause || rs.paused_peer, target) {
+                    (true, true) => ConnState::PausedSyncT,
+                    (true, false) => ConnState::PausedSyncS,
+                    (false, true) => ConnState::SyncTarget,
+                    (false, false) => ConnState::SyncSource,
+                };
+                self.set_conn(c);
+                self.send_state();
+                Ok(())
+            }
+            AdminRequest::Attach
+            | AdminRequest::Detach
+            | AdminRequest::Connect { .. }
+            | AdminRequest::Disconnect => Err(AdminError::Other {
+                exit_code: 20,
+                message: "handled by the runtime".to_string(),
+            }),
+        }
+    }
+
+    /// Sets the `discard-my-data` flag for the next handshake (`connect --discard-my-data`).
+    pub fn set_discard_my_data(&mut self, v: bool) {
+        self.discard_my_data = v;
+    }
+
+    /// The runtime started connecting (`connect`): leave StandAlone.
+    pub fn connecting(&mut self) {
+        if !self.connected {
+            self.standalone_reason = None;
+            self.set_conn(ConnState::WfConnection);
+        }
+    }
+
+    /// The runtime stopped connecting (`disconnect`): StandAlone. If connected, the
+    /// connection is torn down first (the runtime closes the sockets).
+    pub fn disconnect(&mut self, now: Duration) {
+        self.now = now;
+        if self.connected {
+            self.teardown();
+        }
+        self.set_conn(ConnState::StandAlone);
+    }
+
+    fn promote(&mut self, force: bool) -> Result<(), AdminError> {
+        if self.role == Role::Primary {
+            return Ok(());
+        }
+        if self.peer_role == Role::Primary && !self.cfg.two_primaries {
+            return Err(AdminError::State(StateRefusal::TwoPrimaries));
+        }
+        if self.transitional() {
+            return Err(AdminError::State(StateRefusal::ConcurrentChange));
+        }
+        let peer_good = self.connected && self.peer_disk == DiskState::UpToDate;
+        let local_good = self.disk == DiskState::UpToDate;
+        let mut forced = false;
+        if !local_good {
+            let syncing_target =
+                matches!(self.conn, ConnState::SyncTarget | ConnState::PausedSyncT);
+            if peer_good && (self.disk == DiskState::Diskless || syncing_target) {
+                // Diskless Primary, or a SyncTarget reading through the peer.
+            } else if force && self.has_disk() && !self.in_sync_state() {
+                forced = true;
+                self.set_disk(DiskState::UpToDate);
+            } else {
+                return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+            }
+        }
+        let random = self.random();
+        let connected = self.connected;
+        let peer_disk = self.peer_disk;
+        self.role = Role::Primary;
+        self.log("role( Secondary -> Primary )".to_string());
+        let new_uuid = if self.has_disk() {
+            self.uuids.promote(random, connected, peer_disk, forced)
+        } else {
+            false
+        };
+        if new_uuid {
+            self.log(format!("new current UUID {:016X}", self.uuids.current));
+        }
+        self.persist_superblock(true);
+        if self.connected {
+            if new_uuid {
+                let info = self.uuid_info();
+                self.send(PeerMsg::Uuids(info));
+            }
+            self.send_state();
+            if forced && self.conn == ConnState::Connected {
+                // Our data became the newest: sync it to the peer.
+                self.sync_handshake(false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Prepares a clean stop: the runtime calls this after in-flight requests finished.
+    /// The bitmap and superblock are written (Primary indication cleared).
+    pub fn shutdown(&mut self, now: Duration) {
+        self.now = now;
+        if self.connected {
+            self.teardown();
+        }
+        if self.role == Role::Primary {
+            self.role = Role::Secondary;
+            self.uuids.demote();
+        }
+        self.persist_bitmap();
+        self.persist_superblock(false);
+    }
+
+    /// Volume number.
+    pub fn volume(&self) -> u16 {
+        self.volume
+    }
+}
