@@ -1,4 +1,5 @@
-//! `drbdadm`: command-line parsing and the commands that work from the configuration alone.
+//! `drbdadm`: command-line parsing and the commands that work from the configuration alone;
+//! the commands that act on running resources go to `drbdd` (`adm_daemon`).
 //!
 //! The command line follows drbd-utils: global options (`-c FILE`, `-d`, `-v`, ...) and command
 //! options may stand anywhere, the first non-option word is the command and the rest are
@@ -9,6 +10,7 @@ use std::io::{IsTerminal, Write};
 
 use drbd_core::config::{self, dump, Config, ParseOptions};
 
+use crate::adm_daemon::{cmd_daemon, DaemonCommand};
 use crate::adm_meta::{cmd_meta, MetaCommand};
 use crate::source::FsSource;
 
@@ -20,7 +22,7 @@ pub const E_CONFIG_INVALID: i32 = 10;
 pub const E_EXEC_ERROR: i32 = 20;
 
 /// Configuration files tried in order when `-c` is not given (8.4's list).
-const DEFAULT_CONFIGS: &[&str] = &[
+pub const DEFAULT_CONFIGS: &[&str] = &[
     "/etc/drbd-84.conf",
     "/etc/drbd-83.conf",
     "/etc/drbd-82.conf",
@@ -29,7 +31,7 @@ const DEFAULT_CONFIGS: &[&str] = &[
 ];
 
 /// Where `drbdd` keeps its state and its control socket when `--state-dir` is not given.
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/drbdd";
+pub const DEFAULT_STATE_DIR: &str = crate::daemon::DEFAULT_STATE_DIR;
 
 /// Everything the command line said.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -40,6 +42,12 @@ pub struct Args {
     pub dry_run: bool,
     pub verbose: bool,
     pub force: bool,
+    /// `connect --discard-my-data`.
+    pub discard_my_data: bool,
+    /// `new-current-uuid --clear-bitmap`.
+    pub clear_bitmap: bool,
+    /// `status --statistics`.
+    pub statistics: bool,
     pub command: Option<String>,
     pub resources: Vec<String>,
     pub help: bool,
@@ -96,6 +104,9 @@ pub fn parse_args(argv: &[String]) -> Result<Args, UsageError> {
             "-d" | "--dry-run" => a.dry_run = true,
             "-v" | "--verbose" => a.verbose = true,
             "--force" | "-f" => a.force = true,
+            "--discard-my-data" => a.discard_my_data = true,
+            "--clear-bitmap" => a.clear_bitmap = true,
+            "--statistics" => a.statistics = true,
             "-h" | "--help" => a.help = true,
             "-V" | "--version" => a.version = true,
             _ if name.starts_with("-c") && name.len() > 2 => a.config = Some(name[2..].to_string()),
@@ -108,8 +119,14 @@ pub fn parse_args(argv: &[String]) -> Result<Args, UsageError> {
 /// The node name: `--node`, then `$DRBD_NODE`, then `$__DRBD_NODE__` (drbd-utils' own override),
 /// then the kernel's host name.
 pub fn node_name(args: &Args) -> String {
-    if let Some(n) = &args.node {
-        return n.clone();
+    resolve_node_name(args.node.as_deref())
+}
+
+/// The node name: `explicit` (from `--node`), then `$DRBD_NODE`, then `$__DRBD_NODE__`, then
+/// the kernel's host name. `drbdadm` and `drbdd` resolve it the same way.
+pub fn resolve_node_name(explicit: Option<&str>) -> String {
+    if let Some(n) = explicit {
+        return n.to_string();
     }
     for var in ["DRBD_NODE", "__DRBD_NODE__"] {
         if let Ok(n) = std::env::var(var) {
@@ -140,7 +157,8 @@ USAGE: drbdadm [OPTION...] COMMAND [--force] {all|RESOURCE...}
 GENERAL OPTIONS:
   -c FILE, --config-file=FILE   configuration file (default: /etc/drbd.conf)
   --node=NAME                   act as node NAME (default: the host name)
-  --state-dir=DIR               daemon state directory (default: /var/lib/drbdd)
+  --state-dir=DIR               drbdd's state directory, with its control socket
+                                DIR/drbdd.sock (default: /run/drbd-rs)
   -d, --dry-run                 print what would be done
   -v, --verbose
   -V, --version
@@ -155,6 +173,21 @@ COMMANDS:
   get-gi        print the data generation identifiers
   sh-nop        check the configuration and do nothing
   sh-resources  list the resources of this node
+
+COMMANDS (carried out by drbdd; RESOURCE may be RES/VNR where a volume makes sense):
+  up                    attach and connect
+  down                  disconnect, detach and remove the resource
+  attach / detach       attach / detach the backing device
+  connect [--discard-my-data]
+  disconnect
+  primary [--force]
+  secondary
+  role / cstate / dstate
+  status [--verbose] [--statistics] [RESOURCE...]
+  wait-connect          wait for the connection (startup { wfc-timeout })
+  invalidate / invalidate-remote
+  new-current-uuid [--clear-bitmap]
+  pause-sync / resume-sync
 ";
 
 /// Runs drbdadm with `argv` (without the program name); returns the exit code.
@@ -189,6 +222,7 @@ pub fn run(argv: &[String], io: &mut Io) -> i32 {
         "show-gi" => Some(MetaCommand::ShowGi),
         "get-gi" => Some(MetaCommand::GetGi),
         "dump" | "sh-nop" | "sh-resources" => None,
+        other if DaemonCommand::from_name(other).is_some() => None,
         other => {
             let _ = writeln!(io.stderr, "drbdadm: Unknown command '{other}'");
             return E_USAGE;
@@ -200,6 +234,17 @@ pub fn run(argv: &[String], io: &mut Io) -> i32 {
     };
     for w in &cfg.warnings {
         let _ = writeln!(io.stderr, "{w}");
+    }
+    if let Some(dc) = DaemonCommand::from_name(&command) {
+        return cmd_daemon(&cfg, &args, dc, io);
+    }
+    let stray = [
+        (args.discard_my_data, "--discard-my-data"),
+        (args.clear_bitmap, "--clear-bitmap"),
+        (args.statistics, "--statistics"),
+    ];
+    if let Some((_, opt)) = stray.iter().find(|(set, _)| *set) {
+        return unrecognized_option(opt, &command, io);
     }
     match command.as_str() {
         "dump" => cmd_dump(&cfg, &args, io),
@@ -221,6 +266,15 @@ pub fn run(argv: &[String], io: &mut Io) -> i32 {
             cmd_meta(&cfg, &args, &meta, io)
         }
     }
+}
+
+/// drbdadm's answer to an option the command does not take.
+pub(crate) fn unrecognized_option(opt: &str, command: &str, io: &mut Io) -> i32 {
+    let _ = writeln!(
+        io.stderr,
+        "drbdadm: unrecognized option '{opt}'\ntry 'drbdadm help {command}'"
+    );
+    E_USAGE
 }
 
 /// Reads and parses the configuration named by `-c` (or the first default that exists).

@@ -5,6 +5,9 @@
 //! the binaries share, so that tests can drive them in-process.
 
 pub mod adm;
+mod adm_daemon;
 mod adm_meta;
+pub mod daemon;
 pub mod meta_cmd;
+pub mod runtime;
 pub mod source;

@@ -6,8 +6,11 @@
 //!   the bitmap exchange.
 //! * [`handshake`]: the connection handshake as sans-IO state machines: data/meta socket
 //!   roles, feature negotiation, cram-hmac, the parameter exchange and keep-alive.
+//! * [`peer`]: the mapping between the replication core's messages and wire packets (both
+//!   directions, bitmap transfers included).
 //! * [`transport`]: the tokio transport that moves bytes between two TCP sockets per peer and
-//!   those machines, with retries after connect-int.
+//!   those machines, with retries after connect-int, and after the handshake carries the
+//!   core's messages as a session.
 //! * [`capture`]: pcap reading, TCP reassembly and DRBD stream decoding (`drbd-wiredump`).
 //! * [`nbd`]: the NBD server through which resources are exported.
 //! * [`disk`]: the disk engines behind one trait: io_uring on a dedicated thread, with a
@@ -17,5 +20,7 @@ pub mod capture;
 pub mod disk;
 pub mod handshake;
 pub mod nbd;
+pub mod peer;
+pub mod replica;
 pub mod transport;
 pub mod wire;

@@ -1,5 +1,5 @@
 //! The tokio transport: two TCP sockets per peer, moving bytes between them and the sans-IO
-//! machines of [`crate::handshake`].
+//! machines of [`crate::handshake`], and after the handshake the replication core's messages.
 //!
 //! [`Connection::spawn`] runs the whole life of one peer connection: listen and connect until
 //! the data and meta sockets are established, run the handshake on the data socket, then keep
@@ -7,21 +7,52 @@
 //! errors, a peer closing mid-handshake, a missing ping ack) leads to a new attempt after
 //! connect-int; one it does not (wrong secret, incompatible settings) leaves the connection
 //! StandAlone. Every change is published on a watch channel with its reason, and logged.
+//!
+//! [`Connection::spawn_session`] does the same and also carries the core's messages
+//! ([`PeerMsg`]) once a connection is up, as a *session*:
+//!
+//! * Events come out on a bounded channel the caller provides: [`SessionEvent::Connected`]
+//!   after each successful handshake, with a fresh `epoch` (a connection generation, unique
+//!   in the process), then [`SessionEvent::Msg`] for every message received on either
+//!   socket (in order per socket), then one [`SessionEvent::Lost`] when that connection
+//!   ends. No `Msg` of an epoch follows its `Lost`. When the channel is full the socket
+//!   readers wait: a consumer that stops draining stops reading from the peer, which is
+//!   what lets the core bound its buffers (max-buffers). While it does, pings from the peer
+//!   are not answered either, so a consumer must not stall for ping-timeout.
+//! * Messages go out through a [`SessionSender`] (cloneable): `send(epoch, msg)` encodes the
+//!   message (see [`crate::peer::encode_msg`]) and queues it for the socket
+//!   [`PeerMsg::socket`] names, if `epoch` is still the current connection; messages for an
+//!   older epoch are refused ([`SendError::Stale`]) and never reach a newer connection. The
+//!   queues are bounded (see [`DATA_QUEUE_BYTES`], [`META_QUEUE_BYTES`]): when the peer
+//!   does not take data as fast, `send` waits. One writer task per socket takes everything
+//!   queued (up to [`WRITE_BATCH_BYTES`]) into one buffer and writes it at once.
+//! * Keep-alive runs as in [`Connection::spawn`]; sends on the data socket that make no
+//!   progress for `timeout` use up ko-count.
+//!
+//! [`Connection::disconnect`] ends a connection on purpose (sockets closed, no retry).
 
+use std::convert::Infallible;
+use std::fmt;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use drbd_core::replication::msg::{PeerHello as CorePeerHello, PeerMsg, Socket};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::{timeout, Instant};
 
 use crate::handshake::{
     FirstPacket, Handshake, HandshakeConfig, HandshakeError, KeepAlive, KeepAliveAction,
-    KeepAliveConfig, PeerHello, Progress, RoleAction, SocketId, SocketRoles, CHALLENGE_LEN,
+    KeepAliveConfig, PeerHello, Progress, RoleAction, SocketId, SocketRoles, VolumeHello,
+    CHALLENGE_LEN,
 };
+use crate::peer::{self, MsgDecoder, PeerError};
 use crate::wire::{self, Command, Decoder, Frame, HeaderKind, Packet, WireContext, WireError};
 
 /// Largest read we do at once; the decoder's own limits bound what is buffered.
@@ -30,6 +61,57 @@ const READ_CHUNK: usize = 64 * 1024;
 /// at least this much here so slow test machines do not flap).
 const FIRST_PACKET_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 
+/// Bytes (headers included) queued for the data socket and not yet written, at most. A
+/// sender waits while the queue is this full. A single message larger than this (a big
+/// bitmap) waits for the queue to drain and then takes it alone. 4 MiB is four of the
+/// largest writes: enough to keep the socket busy, little enough to keep the latency of a
+/// write queued behind others low (the kernel's send buffer comes on top).
+pub const DATA_QUEUE_BYTES: usize = 4 << 20;
+/// Bytes queued for the meta socket at most: acknowledgements are 40 bytes (h100), so this
+/// is thousands of them.
+pub const META_QUEUE_BYTES: usize = 256 << 10;
+/// Messages queued per socket at most, whatever their size (the channel's bound; the byte
+/// budgets above are what normally limits).
+pub const QUEUE_MESSAGES: usize = 1024;
+/// A writer flushes its buffer to the socket once it holds this much: everything queued
+/// when it wakes up is written in batches of about this size.
+pub const WRITE_BATCH_BYTES: usize = 256 << 10;
+/// Notifications from the socket tasks to the keep-alive loop (ping / ping ack arrivals,
+/// stuck data sends). The loop handles each at once, so a few suffice.
+const CTRL_QUEUE: usize = 64;
+/// Pings and ping acks waiting for the meta writer. More than a couple means the meta
+/// socket is stuck, which ping-timeout / timeout will report: further ones are dropped.
+const PING_QUEUE: usize = 4;
+
+/// Connection generations: every established session gets the next one, so epochs are
+/// unique across all connections of the process (also across [`Connection::spawn_session`]
+/// calls).
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+
+/// Supplies the per-volume hello (sizes, UUIDs, state) afresh for every connection attempt:
+/// they change while the node runs. Called once per attempt, when the sockets are up and the
+/// handshake starts.
+#[derive(Clone)]
+pub struct HelloSource(Arc<dyn Fn() -> Vec<VolumeHello> + Send + Sync>);
+
+impl HelloSource {
+    /// A source calling `f`.
+    pub fn new(f: impl Fn() -> Vec<VolumeHello> + Send + Sync + 'static) -> Self {
+        HelloSource(Arc::new(f))
+    }
+
+    /// The current hello.
+    pub fn volumes(&self) -> Vec<VolumeHello> {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for HelloSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("HelloSource(..)")
+    }
+}
+
 /// Settings of one peer connection.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -37,10 +119,20 @@ pub struct PeerConfig {
     pub name: String,
     pub local: SocketAddr,
     pub peer: SocketAddr,
+    /// Our side of the handshake. Its `volumes` are used unless `hello` is set.
     pub handshake: HandshakeConfig,
+    /// Where each attempt gets the volumes' hello from; `None`: `handshake.volumes`.
+    pub hello: Option<HelloSource>,
     pub keepalive: KeepAliveConfig,
     /// Time between connection attempts (`connect-int`).
     pub connect_int: Duration,
+    /// `sndbuf-size`: the send buffer of both sockets in bytes; `None` or 0: the kernel's
+    /// auto-tuning.
+    pub sndbuf_size: Option<u32>,
+    /// `rcvbuf-size`: the receive buffer of both sockets; `None` or 0: auto-tuning.
+    pub rcvbuf_size: Option<u32>,
+    /// `use-rle`: send bitmaps RLE-compressed where that is shorter (protocol 90 and later).
+    pub use_rle: bool,
 }
 
 /// The connection state as an operator sees it (DRBD 8.4 names).
@@ -58,8 +150,54 @@ pub enum ConnState {
         pings: u64,
         ping_acks: u64,
     },
-    /// Given up; the reason says why. No retry.
+    /// Given up (or disconnected on request); the reason says why. No retry.
     StandAlone { reason: String },
+}
+
+/// What a session reports to the replication core.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// A connection is established. Messages of `epoch` follow.
+    Connected {
+        /// This connection's generation.
+        epoch: u64,
+        /// What the peer said in the handshake about the session's volume (the first one
+        /// configured, volume 0 in practice).
+        hello: CorePeerHello,
+        /// The bitmap size in bits both nodes use for bitmap transfers on this connection:
+        /// `ceil(agreed sectors / 8)`, see [`crate::peer::agreed_sectors`]. Outgoing
+        /// [`PeerMsg::Bitmap`]s need at least that many bits (in whole words).
+        bitmap_bits: u64,
+    },
+    /// A message from the peer.
+    Msg { epoch: u64, msg: PeerMsg },
+    /// Connection `epoch` ended. `retry`: the transport connects again after connect-int (a
+    /// new `Connected` with a new epoch follows if that works); otherwise it stopped.
+    Lost {
+        epoch: u64,
+        reason: String,
+        retry: bool,
+    },
+    /// The transport gave up before a session was established (authentication failed,
+    /// incompatible settings): no retry. Reported once; after a `Lost` with `retry: false`
+    /// there is none.
+    StandAlone { reason: String },
+}
+
+/// Why a message was not queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// `epoch` is not the current connection (it ended, or never was): the message is
+    /// dropped.
+    #[error("connection {epoch} is not established (any more)")]
+    Stale { epoch: u64 },
+    /// The message cannot be put on the wire (a bug of the caller: a data block that is not
+    /// whole sectors, a bitmap shorter than the agreed size, ...). Nothing was queued.
+    #[error("cannot encode {name}: {error}")]
+    Encode {
+        name: &'static str,
+        error: WireError,
+    },
 }
 
 /// Why one attempt ended.
@@ -73,6 +211,13 @@ pub enum ConnectError {
         offset: u64,
         error: WireError,
     },
+    #[error("protocol error on the {socket} socket: {error}")]
+    Peer {
+        socket: &'static str,
+        error: PeerError,
+    },
+    #[error("protocol error: the peer's P_STATE for volume {0} holds values 8.4 does not define")]
+    BadPeerState(u16),
     #[error("cannot encode: {0}")]
     Encode(#[from] WireError),
     #[error("handshake: {0}")]
@@ -81,12 +226,21 @@ pub enum ConnectError {
     Closed(&'static str),
     #[error("{0}")]
     Timeout(&'static str),
+    #[error("session: {0}")]
+    Session(&'static str),
+    #[error("disconnected by request")]
+    Stopped,
+    #[error("the session's event receiver is gone")]
+    EventsClosed,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
 }
 
 impl ConnectError {
     fn retry(&self) -> bool {
         match self {
             ConnectError::Handshake(e) => e.retry(),
+            ConnectError::Session(_) | ConnectError::Stopped | ConnectError::EventsClosed => false,
             _ => true,
         }
     }
@@ -95,12 +249,29 @@ impl ConnectError {
 /// A running peer connection.
 pub struct Connection {
     state: watch::Receiver<ConnState>,
+    stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Connection {
-    /// Binds the listening socket and starts connecting in the background.
+    /// Binds the listening socket and starts connecting in the background. Once connected it
+    /// only keeps the connection alive; see [`Connection::spawn_session`] for replication.
     pub async fn spawn(cfg: PeerConfig) -> std::io::Result<Connection> {
+        Self::start(cfg, None)
+    }
+
+    /// As [`Connection::spawn`], and after every handshake carries messages as a session:
+    /// events go to `events`, messages come from the returned sender (see the module docs).
+    pub async fn spawn_session(
+        cfg: PeerConfig,
+        events: mpsc::Sender<SessionEvent>,
+    ) -> std::io::Result<(Connection, SessionSender)> {
+        let (route, routes) = watch::channel(None);
+        let conn = Self::start(cfg, Some(Session { events, route }))?;
+        Ok((conn, SessionSender { route: routes }))
+    }
+
+    fn start(cfg: PeerConfig, session: Option<Session>) -> std::io::Result<Connection> {
         cfg.keepalive
             .validate()
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -110,10 +281,15 @@ impl Connection {
                 "connect-int must be positive",
             ));
         }
-        let listener = bind(cfg.local)?;
+        let listener = bind(&cfg)?;
         let (tx, rx) = watch::channel(ConnState::WfConnection);
-        let task = tokio::spawn(run(Arc::new(cfg), listener, tx));
-        Ok(Connection { state: rx, task })
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(Arc::new(cfg), listener, tx, session, stop_rx));
+        Ok(Connection {
+            state: rx,
+            stop,
+            task,
+        })
     }
 
     /// The current state.
@@ -131,21 +307,188 @@ impl Connection {
         r.ok().and_then(|r| r.ok()).map(|s| s.clone())
     }
 
-    /// Stops the connection (both sockets close).
+    /// Ends the connection on purpose and waits until both sockets are closed and the
+    /// listener is released. A session reports `Lost { retry: false }` for an established
+    /// connection if the events channel has room for it (it is not waited for: the caller
+    /// may be the one not draining the channel); the state becomes StandAlone.
+    pub async fn disconnect(self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.task.await {
+            if e.is_panic() {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+    }
+
+    /// Stops the connection at once (both sockets close); no events are sent.
     pub fn shutdown(self) {
         self.task.abort();
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
+/// The outgoing half of a session: queues messages for the connection of an epoch.
+#[derive(Clone)]
+pub struct SessionSender {
+    route: watch::Receiver<Option<Arc<Route>>>,
+}
+
+impl fmt::Debug for SessionSender {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionSender")
+            .field("epoch", &self.epoch())
+            .finish()
+    }
+}
+
+impl SessionSender {
+    /// The epoch of the established connection, if there is one.
+    pub fn epoch(&self) -> Option<u64> {
+        self.route
+            .borrow()
+            .as_ref()
+            .filter(|r| r.is_open())
+            .map(|r| r.epoch)
+    }
+
+    /// Queues `msg` for connection `epoch`, waiting while its socket's queue is full.
+    ///
+    /// Messages of one caller go out in the order sent (per socket). `Ok` means queued, not
+    /// sent: if the connection breaks first, the message is lost with it (the `Lost` event
+    /// tells). A message for another epoch than the current one is refused.
+    pub async fn send(&self, epoch: u64, msg: PeerMsg) -> Result<(), SendError> {
+        let route = match &*self.route.borrow() {
+            Some(r) if r.epoch == epoch && r.is_open() => Arc::clone(r),
+            _ => return Err(SendError::Stale { epoch }),
+        };
+        let mut frames = Vec::with_capacity(1);
+        peer::encode_msg(
+            &msg,
+            &route.ctx,
+            route.volume,
+            route.bitmap_bits,
+            route.use_rle,
+            &mut frames,
+        )
+        .map_err(|error| SendError::Encode {
+            name: msg.name(),
+            error,
+        })?;
+        let queue = match msg.socket() {
+            Socket::Data => &route.data,
+            Socket::Meta => &route.meta,
+        };
+        queue
+            .push(frames, &route.ctx)
+            .await
+            .map_err(|Closed| SendError::Stale { epoch })
+    }
+}
+
+/// Where a session's messages go while its connection is up.
+struct Route {
+    epoch: u64,
+    ctx: WireContext,
+    volume: u16,
+    bitmap_bits: u64,
+    use_rle: bool,
+    data: Queue,
+    meta: Queue,
+}
+
+impl Route {
+    /// Whether the connection's writers still run. (A connection stopped with
+    /// [`Connection::shutdown`] cannot withdraw its route; its writers are gone, though.)
+    fn is_open(&self) -> bool {
+        !self.data.tx.is_closed() && !self.meta.tx.is_closed()
+    }
+}
+
+/// A bounded queue of encoded messages for one socket's writer: at most `budget_bytes`
+/// bytes (counted with semaphore permits that travel with the message and are released once
+/// it is written) and at most [`QUEUE_MESSAGES`] messages.
+struct Queue {
+    tx: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
+}
+
+/// The queue's writer is gone: the connection ended.
+struct Closed;
+
+/// One message's frames, with the share of the byte budget it holds until written.
+struct Outgoing {
+    frames: Vec<Frame>,
+    bytes: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Queue {
+    fn new(budget_bytes: usize) -> (Queue, mpsc::Receiver<Outgoing>) {
+        let (tx, rx) = mpsc::channel(QUEUE_MESSAGES);
+        let queue = Queue {
+            tx,
+            budget: Arc::new(Semaphore::new(budget_bytes)),
+            budget_bytes,
+        };
+        (queue, rx)
+    }
+
+    async fn push(&self, frames: Vec<Frame>, ctx: &WireContext) -> Result<(), Closed> {
+        let bytes: usize = frames
+            .iter()
+            .map(|f| f.kind.size() + f.packet.payload_len(ctx))
+            .sum();
+        // A message bigger than the whole budget takes all of it (it cannot wait for more).
+        let cost = u32::try_from(bytes.clamp(1, self.budget_bytes)).unwrap_or(u32::MAX);
+        let permit = Arc::clone(&self.budget)
+            .acquire_many_owned(cost)
+            .await
+            .map_err(|_| Closed)?;
+        self.tx
+            .send(Outgoing {
+                frames,
+                bytes,
+                _permit: permit,
+            })
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// Refuses further messages and wakes senders waiting for budget.
+    fn close(&self) {
+        self.budget.close();
+    }
+}
+
+/// The session side of a [`Connection`].
+struct Session {
+    events: mpsc::Sender<SessionEvent>,
+    route: watch::Sender<Option<Arc<Route>>>,
+}
+
+fn bind(cfg: &PeerConfig) -> std::io::Result<TcpListener> {
+    let sock = if cfg.local.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
+    // Accepted sockets inherit the listener's buffer sizes; they must be set before listen.
+    set_buffer_sizes(&sock, cfg)?;
+    sock.bind(cfg.local)?;
     sock.listen(16)
+}
+
+/// `sndbuf-size` / `rcvbuf-size`: set before connect or listen, as the kernel sizes the TCP
+/// window from them then. (Linux doubles the value for its bookkeeping.)
+fn set_buffer_sizes(sock: &TcpSocket, cfg: &PeerConfig) -> std::io::Result<()> {
+    if let Some(size) = cfg.sndbuf_size.filter(|&s| s > 0) {
+        sock.set_send_buffer_size(size)?;
+    }
+    if let Some(size) = cfg.rcvbuf_size.filter(|&s| s > 0) {
+        sock.set_recv_buffer_size(size)?;
+    }
+    Ok(())
 }
 
 fn random_challenge() -> [u8; CHALLENGE_LEN] {
@@ -169,49 +512,120 @@ fn coin() -> bool {
     b[0] & 1 == 1
 }
 
-async fn run(cfg: Arc<PeerConfig>, listener: TcpListener, state: watch::Sender<ConnState>) {
+/// Resolves once a stop is requested. A dropped [`Connection`] (the sender gone) is not a
+/// request: the connection then runs on, as a detached task.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn run(
+    cfg: Arc<PeerConfig>,
+    listener: TcpListener,
+    state: watch::Sender<ConnState>,
+    session: Option<Session>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         state.send_replace(ConnState::WfConnection);
-        let err = match attempt(&cfg, &listener, &state).await {
-            Ok(never) => match never {},
-            Err(e) => e,
-        };
-        if err.retry() {
+        let (err, epoch) = attempt(&cfg, &listener, &state, session.as_ref(), &mut stop).await;
+        let retry = err.retry();
+        if let ConnectError::Stopped = err {
+            tracing::info!(conn = %cfg.name, "disconnected by request");
+        } else if retry {
             tracing::warn!(conn = %cfg.name, "connection lost: {err}; retrying in {:?}", cfg.connect_int);
-            tokio::time::sleep(cfg.connect_int).await;
         } else {
             tracing::error!(conn = %cfg.name, "{err}; going StandAlone");
+        }
+        if !retry {
             state.send_replace(ConnState::StandAlone {
                 reason: err.to_string(),
             });
+        }
+        if let Some(s) = &session {
+            let event = match epoch {
+                Some(epoch) => Some(SessionEvent::Lost {
+                    epoch,
+                    reason: err.to_string(),
+                    retry,
+                }),
+                None if !retry => Some(SessionEvent::StandAlone {
+                    reason: err.to_string(),
+                }),
+                None => None,
+            };
+            match (event, &err) {
+                (_, ConnectError::EventsClosed) | (None, _) => {}
+                // The caller asked for the end and may not be draining the channel.
+                (Some(ev), ConnectError::Stopped) => {
+                    if s.events.try_send(ev).is_err() {
+                        tracing::debug!(conn = %cfg.name, "no room for the final session event");
+                    }
+                }
+                (Some(ev), _) => {
+                    tokio::select! {
+                        sent = s.events.send(ev) => if sent.is_err() {
+                            tracing::info!(conn = %cfg.name, "session consumer gone; stopping");
+                            return;
+                        },
+                        () = stopped(&mut stop) => return,
+                    }
+                }
+            }
+        }
+        if !retry {
             return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(cfg.connect_int) => {}
+            () = stopped(&mut stop) => {
+                state.send_replace(ConnState::StandAlone {
+                    reason: ConnectError::Stopped.to_string(),
+                });
+                return;
+            }
         }
     }
 }
 
-/// One connection attempt, from connecting to failure.
+/// One connection attempt, from connecting to failure. Returns why it ended and, for a
+/// session, the epoch of the connection if it got as far as reporting it.
 async fn attempt(
     cfg: &PeerConfig,
     listener: &TcpListener,
     state: &watch::Sender<ConnState>,
-) -> Result<std::convert::Infallible, ConnectError> {
-    let (data, meta, resolve_conflicts) = establish_sockets(cfg, listener).await?;
-    state.send_replace(ConnState::WfReportParams);
-    let (data, ctx, peer) = handshake(cfg, data).await?;
+    session: Option<&Session>,
+    stop: &mut watch::Receiver<bool>,
+) -> (ConnectError, Option<u64>) {
+    let setup = async {
+        let (data, meta, resolve_conflicts) = establish_sockets(cfg, listener).await?;
+        state.send_replace(ConnState::WfReportParams);
+        let (data, ctx, peer, mine) = handshake(cfg, data).await?;
+        Ok::<_, ConnectError>((data, meta, resolve_conflicts, ctx, peer, mine))
+    };
+    let (data, meta, resolve_conflicts, ctx, peer, mine) = tokio::select! {
+        r = setup => match r {
+            Ok(established) => established,
+            Err(e) => return (e, None),
+        },
+        () = stopped(stop) => return (ConnectError::Stopped, None),
+    };
     tracing::info!(
         conn = %cfg.name,
         "handshake successful: agreed network protocol version {}, features 0x{:x}",
         peer.protocol_version,
         peer.features
     );
-    state.send_replace(ConnState::Connected {
-        protocol_version: peer.protocol_version,
-        features: peer.features,
+    let established = Established {
+        data,
+        meta,
+        ctx,
+        peer,
+        mine,
         resolve_conflicts,
-        pings: 0,
-        ping_acks: 0,
-    });
-    keep_alive(cfg, data, meta, ctx, state).await
+    };
+    connected(cfg, established, state, session, stop).await
 }
 
 struct Pending {
@@ -259,8 +673,12 @@ async fn establish_sockets(
                     Ok(Ok(stream)) => {
                         next_id += 1;
                         sockets.push(Pending { id: next_id, stream });
-                        // Connect again right away for the second socket.
-                        next_connect = Instant::now();
+                        // As DRBD does, give the peer's own connection about connect-int
+                        // to arrive before opening the second socket: when both nodes
+                        // opened both their sockets at once, each would hold two sockets
+                        // whose other ends wait unaccepted in the peer's backlog (the
+                        // handshake then times out, or the meta sockets do not match).
+                        next_connect = Instant::now() + jitter(cfg.connect_int);
                         roles.on_connected(next_id)
                     }
                     Ok(Err(e)) => {
@@ -371,6 +789,7 @@ async fn connect(cfg: &PeerConfig) -> std::io::Result<TcpStream> {
         TcpSocket::new_v6()?
     };
     sock.set_reuseaddr(true)?;
+    set_buffer_sizes(&sock, cfg)?;
     // Outgoing connections come from our own address (port chosen by the kernel), so the
     // peer can tell who we are.
     sock.bind(SocketAddr::new(cfg.local.ip(), 0))?;
@@ -407,21 +826,32 @@ async fn write_frame(
     Ok(())
 }
 
-/// A socket with its receive buffer and decoder.
-struct FramedRead {
-    stream: TcpStream,
+/// A socket (or its read half) with its receive buffer and decoder.
+struct FramedRead<R> {
+    stream: R,
     buf: BytesMut,
     decoder: Decoder,
     name: &'static str,
 }
 
-impl FramedRead {
-    fn new(stream: TcpStream, ctx: WireContext, name: &'static str) -> Self {
+impl<R: AsyncRead + Unpin> FramedRead<R> {
+    fn new(stream: R, ctx: WireContext, name: &'static str) -> Self {
         FramedRead {
             stream,
             buf: BytesMut::with_capacity(READ_CHUNK),
             decoder: Decoder::new(ctx),
             name,
+        }
+    }
+
+    /// The same stream state over another handle (the read half after a split): bytes
+    /// already buffered stay, so nothing the peer sent right after the handshake is lost.
+    fn map_stream<S>(self, f: impl FnOnce(R) -> S) -> FramedRead<S> {
+        FramedRead {
+            stream: f(self.stream),
+            buf: self.buf,
+            decoder: self.decoder,
+            name: self.name,
         }
     }
 
@@ -446,11 +876,26 @@ impl FramedRead {
     }
 }
 
+/// Runs the handshake on the data socket. Returns the socket, the agreed context, what the
+/// peer said and the volumes we described.
 async fn handshake(
     cfg: &PeerConfig,
     data: TcpStream,
-) -> Result<(FramedRead, WireContext, PeerHello), ConnectError> {
-    let mut hs = Handshake::new(cfg.handshake.clone(), random_challenge());
+) -> Result<
+    (
+        FramedRead<TcpStream>,
+        WireContext,
+        PeerHello,
+        Vec<VolumeHello>,
+    ),
+    ConnectError,
+> {
+    let mut hs_cfg = cfg.handshake.clone();
+    if let Some(hello) = &cfg.hello {
+        hs_cfg.volumes = hello.volumes();
+    }
+    let mine = hs_cfg.volumes.clone();
+    let mut hs = Handshake::new(hs_cfg, random_challenge());
     let mut data = FramedRead::new(data, WireContext::default(), "data");
     // The whole handshake must complete within the time DRBD gives it.
     let limit = (cfg.keepalive.ping_timeout * 4).max(FIRST_PACKET_TIMEOUT_MIN) * 4;
@@ -469,79 +914,535 @@ async fn handshake(
                 while let Some(frame) = hs.poll_transmit() {
                     write_frame(&mut data.stream, &frame, &hs.context()).await?;
                 }
-                return Ok((data, hs.context(), *peer));
+                return Ok((data, hs.context(), *peer, mine));
             }
         }
     }
 }
 
-/// Pings on the meta socket until the peer goes silent or a socket closes.
-async fn keep_alive(
-    cfg: &PeerConfig,
-    mut data: FramedRead,
+/// What a successful handshake leaves.
+struct Established {
+    data: FramedRead<TcpStream>,
     meta: TcpStream,
     ctx: WireContext,
+    peer: PeerHello,
+    mine: Vec<VolumeHello>,
+    resolve_conflicts: bool,
+}
+
+/// What the session layer adds to an established connection.
+struct SessionSetup {
+    epoch: u64,
+    hello: CorePeerHello,
+    volume: u16,
+    bitmap_bits: u64,
+}
+
+/// Checks that a session can run on this connection and works out its parameters.
+fn session_setup(est: &Established) -> Result<SessionSetup, ConnectError> {
+    // Data packets would carry digests this side neither computes nor verifies; both nodes
+    // agreed on the algorithm, so retrying cannot help.
+    if !est.peer.protocol.integrity_alg.is_empty() {
+        return Err(ConnectError::Handshake(
+            HandshakeError::UnsupportedIntegrityAlg(est.peer.protocol.integrity_alg.clone()),
+        ));
+    }
+    let Some(local) = est.mine.first() else {
+        return Err(ConnectError::Session("no volume configured"));
+    };
+    let volume = local.volume;
+    let hello = peer::peer_hello(&est.peer, est.resolve_conflicts, volume)
+        .ok_or(ConnectError::BadPeerState(volume))?;
+    // The handshake completes only once the peer described every volume of ours.
+    let peer_sizes = est
+        .peer
+        .volumes
+        .iter()
+        .find(|v| v.volume == volume)
+        .map(|v| v.sizes)
+        .ok_or(ConnectError::Internal(
+            "handshake without the peer's volume",
+        ))?;
+    let bitmap_bits = peer::bitmap_bits(peer::agreed_sectors(&local.sizes, &peer_sizes));
+    Ok(SessionSetup {
+        epoch: NEXT_EPOCH.fetch_add(1, Ordering::Relaxed),
+        hello,
+        volume,
+        bitmap_bits,
+    })
+}
+
+/// Notifications from the socket tasks to the keep-alive loop. Times are since the
+/// connection's origin.
+#[derive(Debug)]
+enum Ctrl {
+    /// `P_PING` or `P_PING_ACK` arrived on the meta socket.
+    Meta { at: Duration, ping: bool, ack: bool },
+    /// A data-socket write is waiting for buffer space (again, after progress).
+    SendWaiting(Duration),
+    /// That write completed.
+    SendDone,
+}
+
+/// Times since `origin` as nanoseconds, for the atomics that record when a socket last
+/// received something (saturating: a u64 of nanoseconds lasts 584 years).
+fn nanos_since(origin: Instant) -> u64 {
+    u64::try_from(origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The connected phase: socket tasks, keep-alive and (for a session) the message flow,
+/// until something fails or a stop is requested.
+async fn connected(
+    cfg: &PeerConfig,
+    est: Established,
     state: &watch::Sender<ConnState>,
-) -> Result<std::convert::Infallible, ConnectError> {
+    session: Option<&Session>,
+    stop: &mut watch::Receiver<bool>,
+) -> (ConnectError, Option<u64>) {
+    let setup = match session {
+        Some(_) => match session_setup(&est) {
+            Ok(s) => Some(s),
+            Err(e) => return (e, None),
+        },
+        None => None,
+    };
+    let Established {
+        data,
+        meta,
+        ctx,
+        peer,
+        resolve_conflicts,
+        ..
+    } = est;
+    let volume = setup.as_ref().map_or(0, |s| s.volume);
+    let bitmap_bits = setup.as_ref().map_or(0, |s| s.bitmap_bits);
+    let epoch = setup.as_ref().map_or(0, |s| s.epoch);
+    let (data_q, data_rx) = Queue::new(DATA_QUEUE_BYTES);
+    let (meta_q, meta_rx) = Queue::new(META_QUEUE_BYTES);
+    let route = Arc::new(Route {
+        epoch,
+        ctx,
+        volume,
+        bitmap_bits,
+        use_rle: cfg.use_rle,
+        data: data_q,
+        meta: meta_q,
+    });
+
+    state.send_replace(ConnState::Connected {
+        protocol_version: peer.protocol_version,
+        features: peer.features,
+        resolve_conflicts,
+        pings: 0,
+        ping_acks: 0,
+    });
+    if let (Some(s), Some(setup)) = (session, setup) {
+        s.route.send_replace(Some(Arc::clone(&route)));
+        let event = SessionEvent::Connected {
+            epoch,
+            hello: setup.hello,
+            bitmap_bits,
+        };
+        let sent = tokio::select! {
+            sent = s.events.send(event) => sent.map_err(|_| ConnectError::EventsClosed),
+            () = stopped(stop) => Err(ConnectError::Stopped),
+        };
+        if let Err(e) = sent {
+            s.route.send_replace(None);
+            return (e, None);
+        }
+        tracing::info!(conn = %cfg.name, epoch, bitmap_bits, "session established");
+    }
+
     let origin = Instant::now();
-    let now = || Instant::now() - origin;
+    let data_seen = Arc::new(AtomicU64::new(0));
+    let meta_seen = Arc::new(AtomicU64::new(0));
+    let (ctrl_tx, mut ctrl_rx) = mpsc::channel(CTRL_QUEUE);
+    let (ping_tx, ping_rx) = mpsc::channel(PING_QUEUE);
+    let (data_rd, data_wr) = data.map_stream(TcpStream::into_split).split_pair();
+    let (meta_rd, meta_wr) = meta.into_split();
+    let meta_rd = FramedRead::new(meta_rd, ctx, "meta");
+    let sink = |socket| {
+        session.map(|s| Sink {
+            events: s.events.clone(),
+            epoch,
+            decoder: MsgDecoder::new(volume, bitmap_bits).for_socket(socket),
+        })
+    };
+    let mut tasks: JoinSet<Result<Infallible, ConnectError>> = JoinSet::new();
+    tasks.spawn(read_loop(
+        data_rd,
+        Socket::Data,
+        origin,
+        Arc::clone(&data_seen),
+        ctrl_tx.clone(),
+        sink(Socket::Data),
+    ));
+    tasks.spawn(read_loop(
+        meta_rd,
+        Socket::Meta,
+        origin,
+        Arc::clone(&meta_seen),
+        ctrl_tx.clone(),
+        sink(Socket::Meta),
+    ));
+    tasks.spawn(write_loop(Writer {
+        stream: data_wr,
+        name: "data",
+        queue: data_rx,
+        pings: None,
+        ctx,
+        ctrl: Some(ctrl_tx.clone()),
+        origin,
+        send_timeout: None,
+    }));
+    tasks.spawn(write_loop(Writer {
+        stream: meta_wr,
+        name: "meta",
+        queue: meta_rx,
+        pings: Some(ping_rx),
+        ctx,
+        ctrl: None,
+        origin,
+        // A meta-socket send that cannot complete within `timeout` ends the connection at
+        // once: the meta socket carries only small packets, so a full send buffer there
+        // means the peer stopped reading.
+        send_timeout: Some(cfg.keepalive.timeout),
+    }));
+    drop(ctrl_tx);
+
+    let err = keep_alive(
+        cfg,
+        &mut tasks,
+        &mut ctrl_rx,
+        &ping_tx,
+        origin,
+        &data_seen,
+        &meta_seen,
+        state,
+        stop,
+    )
+    .await;
+
+    // Tear down in the order that keeps the event stream clean: no new messages accepted,
+    // waiting senders released, then every socket task ended (no Msg after this point), and
+    // only then does the caller report Lost.
+    if let Some(s) = session {
+        s.route.send_replace(None);
+    }
+    route.data.close();
+    route.meta.close();
+    tasks.shutdown().await;
+    (err, session.map(|_| epoch))
+}
+
+impl<R> FramedRead<(OwnedReadHalf, R)> {
+    /// Splits a framed `(read half, write half)` pair into the framed read half and the
+    /// write half.
+    fn split_pair(self) -> (FramedRead<OwnedReadHalf>, R) {
+        let FramedRead {
+            stream: (rd, wr),
+            buf,
+            decoder,
+            name,
+        } = self;
+        (
+            FramedRead {
+                stream: rd,
+                buf,
+                decoder,
+                name,
+            },
+            wr,
+        )
+    }
+}
+
+/// Where a reader delivers messages in a session.
+struct Sink {
+    events: mpsc::Sender<SessionEvent>,
+    epoch: u64,
+    decoder: MsgDecoder,
+}
+
+/// Reads one socket: records liveness, passes pings to the keep-alive loop and (in a
+/// session) decoded messages to the events channel, waiting while it is full.
+async fn read_loop(
+    mut reader: FramedRead<OwnedReadHalf>,
+    socket: Socket,
+    origin: Instant,
+    seen: Arc<AtomicU64>,
+    ctrl: mpsc::Sender<Ctrl>,
+    mut sink: Option<Sink>,
+) -> Result<Infallible, ConnectError> {
+    loop {
+        let frame = reader.next().await?;
+        let at = nanos_since(origin);
+        seen.fetch_max(at, Ordering::Relaxed);
+        if socket == Socket::Meta && matches!(frame.packet, Packet::Ping | Packet::PingAck) {
+            let ping = matches!(frame.packet, Packet::Ping);
+            let event = Ctrl::Meta {
+                at: Duration::from_nanos(at),
+                ping,
+                ack: !ping,
+            };
+            ctrl.send(event)
+                .await
+                .map_err(|_| ConnectError::Internal("keep-alive loop gone"))?;
+            continue;
+        }
+        // Without a session, anything the peer sends only proves it alive.
+        let Some(sink) = &mut sink else {
+            continue;
+        };
+        match sink.decoder.on_frame(frame) {
+            Ok(Some(msg)) => {
+                let event = SessionEvent::Msg {
+                    epoch: sink.epoch,
+                    msg,
+                };
+                sink.events
+                    .send(event)
+                    .await
+                    .map_err(|_| ConnectError::EventsClosed)?;
+            }
+            Ok(None) => {}
+            Err(error) => {
+                return Err(ConnectError::Peer {
+                    socket: reader.name,
+                    error,
+                })
+            }
+        }
+    }
+}
+
+/// One socket's writer.
+struct Writer {
+    stream: OwnedWriteHalf,
+    name: &'static str,
+    queue: mpsc::Receiver<Outgoing>,
+    /// Keep-alive packets, sent before anything queued (meta socket only).
+    pings: Option<mpsc::Receiver<Packet>>,
+    ctx: WireContext,
+    /// Where to report writes waiting for buffer space (data socket only: ko-count).
+    ctrl: Option<mpsc::Sender<Ctrl>>,
+    origin: Instant,
+    /// Limit for one batch (meta socket only).
+    send_timeout: Option<Duration>,
+}
+
+async fn recv_ping(pings: &mut Option<mpsc::Receiver<Packet>>) -> Option<Packet> {
+    match pings {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for something to send, then writes everything queued in batches of about
+/// [`WRITE_BATCH_BYTES`]; a message's share of the queue budget is released once it is
+/// written.
+async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
+    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut batch: Vec<Outgoing> = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(p) = recv_ping(&mut w.pings) => {
+                wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
+            }
+            item = w.queue.recv() => match item {
+                Some(item) => batch.push(item),
+                // The connection holds the senders while it runs.
+                None => return Err(ConnectError::Internal("send queue closed")),
+            },
+        }
+        if let Some(pings) = &mut w.pings {
+            while let Ok(p) = pings.try_recv() {
+                wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
+            }
+        }
+        let mut queued: usize = batch.iter().map(|o| o.bytes).sum();
+        while queued < WRITE_BATCH_BYTES {
+            match w.queue.try_recv() {
+                Ok(item) => {
+                    queued += item.bytes;
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        for frame in batch.iter().flat_map(|o| &o.frames) {
+            // `encode_msg` checked every frame under this context when it was queued.
+            wire::encode(frame, &w.ctx, &mut buf)?;
+            if buf.len() >= WRITE_BATCH_BYTES {
+                flush(&mut w, &buf).await?;
+                buf.clear();
+            }
+        }
+        if !buf.is_empty() {
+            flush(&mut w, &buf).await?;
+            buf.clear();
+        }
+        // Releases the budget of everything written.
+        batch.clear();
+    }
+}
+
+async fn flush(w: &mut Writer, buf: &[u8]) -> Result<(), ConnectError> {
+    match (w.send_timeout, &w.ctrl) {
+        (Some(limit), _) => timeout(limit, w.stream.write_all(buf))
+            .await
+            .map_err(|_| ConnectError::Timeout("meta socket send timed out"))?
+            .map_err(ConnectError::from),
+        (None, Some(ctrl)) => write_watched(&w.stream, buf, ctrl, w.origin).await,
+        (None, None) => Ok(w.stream.write_all(buf).await?),
+    }
+    .map_err(|e| match e {
+        ConnectError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+            ConnectError::Closed(w.name)
+        }
+        e => e,
+    })
+}
+
+/// Writes all of `buf`, telling the keep-alive loop while the socket takes no data: a write
+/// that makes no progress for `timeout` costs one ko-count (see [`KeepAlive`]).
+async fn write_watched(
+    w: &OwnedWriteHalf,
+    mut buf: &[u8],
+    ctrl: &mpsc::Sender<Ctrl>,
+    origin: Instant,
+) -> Result<(), ConnectError> {
+    let now = || Duration::from_nanos(nanos_since(origin));
+    let mut waiting = false;
+    while !buf.is_empty() {
+        match w.try_write(buf) {
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+            Ok(n) => {
+                buf = buf.get(n..).unwrap_or_default();
+                // Progress restarts the clock (and refills ko-count).
+                if waiting && !buf.is_empty() {
+                    let _ = ctrl.send(Ctrl::SendWaiting(now())).await;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !waiting {
+                    waiting = true;
+                    let _ = ctrl.send(Ctrl::SendWaiting(now())).await;
+                }
+                w.writable().await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if waiting {
+        let _ = ctrl.send(Ctrl::SendDone).await;
+    }
+    Ok(())
+}
+
+/// What ended a socket task.
+fn task_end(r: Option<Result<Result<Infallible, ConnectError>, JoinError>>) -> ConnectError {
+    match r {
+        Some(Ok(Err(e))) => e,
+        Some(Err(e)) if e.is_panic() => ConnectError::Internal("a connection task panicked"),
+        Some(Err(_)) => ConnectError::Internal("a connection task was cancelled"),
+        None => ConnectError::Internal("no connection tasks"),
+    }
+}
+
+/// Runs the keep-alive machine until the connection fails: pings on the meta socket,
+/// answers to the peer's pings, ko-count for stuck data sends, and the first socket task
+/// that ends.
+#[allow(clippy::too_many_arguments)]
+async fn keep_alive(
+    cfg: &PeerConfig,
+    tasks: &mut JoinSet<Result<Infallible, ConnectError>>,
+    ctrl: &mut mpsc::Receiver<Ctrl>,
+    pings: &mpsc::Sender<Packet>,
+    origin: Instant,
+    data_seen: &AtomicU64,
+    meta_seen: &AtomicU64,
+    state: &watch::Sender<ConnState>,
+    stop: &mut watch::Receiver<bool>,
+) -> ConnectError {
+    let now = || origin.elapsed();
     let mut ka = KeepAlive::new(cfg.keepalive, now());
-    let mut meta = FramedRead::new(meta, ctx, "meta");
-    let ping = |p: Packet| Frame {
-        kind: wire::header_kind_for(ctx.protocol_version, 0),
-        volume: 0,
-        packet: p,
+    // What the machine has been told so far; the readers record arrivals in the atomics
+    // (one store per frame, no message), and they are handed over before every decision.
+    let mut told_data = Duration::ZERO;
+    let mut told_meta = Duration::ZERO;
+    let mut refresh = |ka: &mut KeepAlive, told_meta: &mut Duration| {
+        let d = Duration::from_nanos(data_seen.load(Ordering::Relaxed));
+        if d > told_data {
+            told_data = d;
+            ka.on_data_received(d);
+        }
+        let m = Duration::from_nanos(meta_seen.load(Ordering::Relaxed));
+        if m > *told_meta {
+            *told_meta = m;
+            ka.on_meta_packet(m, false, false);
+        }
     };
     loop {
+        refresh(&mut ka, &mut told_meta);
         let deadline = origin + ka.next_deadline();
         let action = tokio::select! {
-            f = meta.next() => {
-                let f = f?;
-                let is_ping = matches!(f.packet, Packet::Ping);
-                let is_ack = matches!(f.packet, Packet::PingAck);
-                ka.on_meta_packet(now(), is_ping, is_ack)
+            biased;
+            () = stopped(stop) => return ConnectError::Stopped,
+            end = tasks.join_next() => return task_end(end),
+            // Before the notifications, so that a steady stream of them (a busy data
+            // socket reporting progress) cannot hold off the keep-alive deadlines.
+            () = tokio::time::sleep_until(deadline) => {
+                refresh(&mut ka, &mut told_meta);
+                ka.poll(now())
             }
-            f = data.next() => {
-                // Nothing but liveness is handled here yet: any data-socket packet proves the
-                // peer alive.
-                let _ = f?;
-                ka.on_data_received(now());
-                None
-            }
-            _ = tokio::time::sleep_until(deadline) => ka.poll(now()),
+            c = ctrl.recv() => match c {
+                Some(Ctrl::Meta { at, ping, ack }) => {
+                    let at = at.max(told_meta);
+                    told_meta = at;
+                    ka.on_meta_packet(at, ping, ack)
+                }
+                Some(Ctrl::SendWaiting(at)) => {
+                    ka.on_send_waiting(at);
+                    None
+                }
+                Some(Ctrl::SendDone) => {
+                    ka.on_send_done();
+                    None
+                }
+                // Every socket task holds a sender: one of them ended.
+                None => return task_end(tasks.join_next().await),
+            },
         };
-        // A meta-socket send that cannot complete within `timeout` ends the connection at
-        // once: the meta socket carries only small packets, so a full send buffer there means
-        // the peer stopped reading.
         let reply = match action {
             Some(KeepAliveAction::SendPing) => Some(Packet::Ping),
             Some(KeepAliveAction::SendPingAck) => Some(Packet::PingAck),
-            _ => None,
+            Some(KeepAliveAction::Fail(why)) => return ConnectError::Timeout(why),
+            None => None,
         };
-        if let Some(p) = reply {
-            tokio::time::timeout(
-                cfg.keepalive.timeout,
-                write_frame(&mut meta.stream, &ping(p), &ctx),
-            )
-            .await
-            .map_err(|_| ConnectError::Timeout("meta socket send timed out"))??;
+        match reply.map(|p| pings.try_send(p)) {
+            None | Some(Ok(())) => {}
+            // The meta writer is stuck; its send timeout or ping-timeout will tell.
+            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                tracing::debug!(conn = %cfg.name, "meta socket backed up; ping not queued");
+            }
+            // The writer ended; the next round reports why.
+            Some(Err(mpsc::error::TrySendError::Closed(_))) => {}
         }
-        match action {
-            Some(KeepAliveAction::SendPing | KeepAliveAction::SendPingAck) => {}
-            Some(KeepAliveAction::Fail(why)) => return Err(ConnectError::Timeout(why)),
-            None => {}
-        }
-        let (pings, ping_acks) = ka.counters();
-        state.send_modify(|s| {
-            if let ConnState::Connected {
+        let (pings_sent, acks) = ka.counters();
+        state.send_if_modified(|s| match s {
+            ConnState::Connected {
                 pings: p,
                 ping_acks: a,
                 ..
-            } = s
-            {
-                *p = pings;
-                *a = ping_acks;
+            } if (*p, *a) != (pings_sent, acks) => {
+                *p = pings_sent;
+                *a = acks;
+                true
             }
+            _ => false,
         });
     }
 }

@@ -75,6 +75,10 @@ fn node(name: &str, local: u16, peer: u16, secret: Option<&str>) -> PeerConfig {
             ko_count: 7,
         },
         connect_int: Duration::from_millis(300),
+        hello: None,
+        sndbuf_size: None,
+        rcvbuf_size: None,
+        use_rle: true,
     }
 }
 

@@ -1,15 +1,12 @@
-//! `drbdd`: the daemon that will host resources and serve them as NBD exports. For now it only
-//! reports its version.
+//! `drbdd`: the daemon that hosts this node's resources and serves `drbdadm`'s requests on
+//! `STATE_DIR/drbdd.sock` (see `drbd_cli::daemon`), each resource as an NBD export at
+//! `STATE_DIR/RES.nbd`. Runs in the foreground until SIGTERM or SIGINT.
+
+use std::sync::Arc;
+
+use drbd_cli::daemon::main_with_factory;
+use drbd_cli::runtime::RuntimeFactory;
 
 fn main() {
-    let mut args = std::env::args_os().skip(1);
-    match args.next().as_ref().map(|a| a.to_string_lossy()).as_deref() {
-        None | Some("--version") | Some("-V") => {
-            println!("drbdd {}", env!("CARGO_PKG_VERSION"));
-        }
-        Some(other) => {
-            eprintln!("drbdd: unknown argument '{other}'; only --version is supported so far");
-            std::process::exit(1);
-        }
-    }
+    std::process::exit(main_with_factory(Arc::new(RuntimeFactory)));
 }

@@ -1,0 +1,306 @@
+//! The replication runtime behind `drbdd`: turns a resource of the configuration into running
+//! volumes ([`drbd_net::replica::Replica`]) with their peer connection and NBD exports.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use drbd_core::config::model::{MetaDisk, Protocol as ModelProtocol, ResourceModel};
+use drbd_core::replication::device::{DeviceConfig, Protocol, ResyncRate};
+use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
+use drbd_core::uuid::{AfterSbPolicy, RrConflict, SplitBrainPolicy};
+use drbd_net::disk::EngineOptions;
+use drbd_net::handshake::{
+    AuthConfig, HandshakeConfig, KeepAliveConfig, ProtocolParams, VolumeHello, FEATURES,
+    PROTOCOL_MAX, PROTOCOL_MIN,
+};
+use drbd_net::nbd::{BlockDevice, Listener, NbdServer};
+use drbd_net::replica::{MetaLocation, Replica, ReplicaConfig};
+use drbd_net::transport::PeerConfig;
+use drbd_net::wire::{Sizes, SyncParam};
+
+use crate::daemon::host::{self, BoxFuture, ReplicaFactory};
+
+/// The numeric option `name` in its own unit, or `default`.
+fn num(m: &ResourceModel, name: &str, default: u64) -> u64 {
+    m.number(name).unwrap_or(default)
+}
+
+fn clamp_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// The replication settings of `model`.
+pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
+    let protocol = match m.protocol() {
+        ModelProtocol::A => Protocol::A,
+        ModelProtocol::B => Protocol::B,
+        ModelProtocol::C => Protocol::C,
+    };
+    let policy = |name: &str| -> Result<AfterSbPolicy, String> {
+        let v = m.value(name).unwrap_or_else(|| "disconnect".into());
+        AfterSbPolicy::from_name(&v).ok_or_else(|| format!("{name}: unknown policy '{v}'"))
+    };
+    let rr = m
+        .value("rr-conflict")
+        .unwrap_or_else(|| "disconnect".into());
+    let split_brain = SplitBrainPolicy {
+        after_sb_0pri: policy("after-sb-0pri")?,
+        after_sb_1pri: policy("after-sb-1pri")?,
+        after_sb_2pri: policy("after-sb-2pri")?,
+        rr_conflict: RrConflict::from_name(&rr)
+            .ok_or_else(|| format!("rr-conflict: unknown value '{rr}'"))?,
+        always_asbp: m.flag("always-asbp"),
+    };
+    split_brain.validate().map_err(|e| e.to_string())?;
+    let d = ResyncRate::default();
+    Ok(DeviceConfig {
+        protocol,
+        max_epoch_size: clamp_u32(num(m, "max-epoch-size", 2048)),
+        max_buffers: clamp_u32(num(m, "max-buffers", 2048)).max(32),
+        disk_flushes: m.value("disk-flushes").as_deref() != Some("no"),
+        resync: ResyncRate {
+            rate_kib: clamp_u32(num(m, "resync-rate", u64::from(d.rate_kib))),
+            c_plan_ahead: clamp_u32(num(m, "c-plan-ahead", u64::from(d.c_plan_ahead))),
+            c_delay_target: clamp_u32(num(m, "c-delay-target", u64::from(d.c_delay_target))),
+            c_fill_target: clamp_u32(num(m, "c-fill-target", u64::from(d.c_fill_target))),
+            c_max_rate: clamp_u32(num(m, "c-max-rate", u64::from(d.c_max_rate))),
+            c_min_rate: clamp_u32(num(m, "c-min-rate", u64::from(d.c_min_rate))),
+        },
+        split_brain,
+        two_primaries: m.flag("allow-two-primaries"),
+        rng_seed: 0,
+    })
+}
+
+/// A socket address from a configuration address.
+pub fn socket_addr(a: &drbd_core::config::Address) -> Result<SocketAddr, String> {
+    let ip: IpAddr = a
+        .addr
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("address '{}' is not an IP address", a.addr))?;
+    let port: u16 = a
+        .port
+        .parse()
+        .map_err(|_| format!("port '{}' is not a number", a.port))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// The NBD socket of a resource in the state directory.
+pub fn nbd_socket(state_dir: &Path, resource: &str) -> PathBuf {
+    state_dir.join(format!("{resource}.nbd"))
+}
+
+/// Seconds (the unit of `connect-int` and `ping-int`) as a duration.
+fn secs(v: u64) -> Duration {
+    Duration::from_secs(v)
+}
+
+/// Tenths of a second (`timeout`, `ping-timeout`) as a duration.
+fn tenths(v: u64) -> Duration {
+    Duration::from_millis(v * 100)
+}
+
+/// The peer connection settings of `model` (None when it has no peer address).
+pub fn peer_config(m: &ResourceModel) -> Result<Option<PeerConfig>, String> {
+    let (Some(local), Some(peer)) = (&m.address, &m.peer_address) else {
+        return Ok(None);
+    };
+    let local = socket_addr(local)?;
+    let peer = socket_addr(peer)?;
+    let auth = match m.value("cram-hmac-alg") {
+        Some(alg) if !alg.is_empty() => {
+            let secret = m.value("shared-secret").unwrap_or_default();
+            Some(AuthConfig::new(&alg, &secret).map_err(|e| format!("cram-hmac-alg {alg}: {e}"))?)
+        }
+        _ => None,
+    };
+    let integrity = m.value("data-integrity-alg").unwrap_or_default();
+    if !integrity.is_empty() {
+        return Err(format!(
+            "data-integrity-alg {integrity} is not supported by this version"
+        ));
+    }
+    let dev = device_config(m)?;
+    let protocol = ProtocolParams {
+        wire_protocol: match dev.protocol {
+            Protocol::A => 1,
+            Protocol::B => 2,
+            Protocol::C => 3,
+        },
+        after_sb_0p: dev.split_brain.after_sb_0pri.wire(),
+        after_sb_1p: dev.split_brain.after_sb_1pri.wire(),
+        after_sb_2p: dev.split_brain.after_sb_2pri.wire(),
+        two_primaries: dev.two_primaries,
+        discard_my_data: false,
+        integrity_alg: String::new(),
+    };
+    let sync_param = SyncParam::Controller {
+        resync_rate: dev.resync.rate_kib,
+        verify_alg: m.value("verify-alg").unwrap_or_default(),
+        csums_alg: m.value("csums-alg").unwrap_or_default(),
+        c_plan_ahead: dev.resync.c_plan_ahead,
+        c_delay_target: dev.resync.c_delay_target,
+        c_fill_target: dev.resync.c_fill_target,
+        c_max_rate: dev.resync.c_max_rate,
+    };
+    let keepalive = KeepAliveConfig {
+        ping_int: secs(num(m, "ping-int", 10)),
+        ping_timeout: tenths(num(m, "ping-timeout", 5)),
+        timeout: tenths(num(m, "timeout", 60)),
+        ko_count: clamp_u32(num(m, "ko-count", 7)),
+    };
+    let buf = |name: &str| -> Option<u32> { m.number(name).filter(|&v| v > 0).map(clamp_u32) };
+    Ok(Some(PeerConfig {
+        name: m.name.clone(),
+        local,
+        peer,
+        handshake: HandshakeConfig {
+            protocol_min: PROTOCOL_MIN,
+            protocol_max: PROTOCOL_MAX,
+            features: FEATURES,
+            auth,
+            protocol,
+            volumes: vec![VolumeHello {
+                volume: 0,
+                sync_param,
+                sizes: Sizes::default(),
+                uuids: Default::default(),
+                state: Default::default(),
+            }],
+        },
+        keepalive,
+        connect_int: secs(num(m, "connect-int", 10)),
+        hello: None,
+        sndbuf_size: buf("sndbuf-size"),
+        rcvbuf_size: buf("rcvbuf-size"),
+        use_rle: m.value("use-rle").as_deref() != Some("no"),
+    }))
+}
+
+/// The volume settings of `model` (one volume per resource in this version).
+pub fn replica_config(m: &ResourceModel) -> Result<ReplicaConfig, String> {
+    let vol = match m.volumes.as_slice() {
+        [v] => v,
+        [] => return Err("the resource has no volume on this node".into()),
+        _ => {
+            return Err(format!(
+                "{} volumes: this version runs resources with one volume",
+                m.volumes.len()
+            ))
+        }
+    };
+    if vol.meta != MetaDisk::Internal {
+        return Err(
+            "external meta data is not supported by this version (use meta-disk internal)".into(),
+        );
+    }
+    Ok(ReplicaConfig {
+        name: m.name.clone(),
+        volume: u16::try_from(vol.vnr).map_err(|_| "volume number too large".to_string())?,
+        minor: vol.minor,
+        disk: PathBuf::from(&vol.disk),
+        meta: MetaLocation::Internal,
+        device: device_config(m)?,
+        al_extents: clamp_u32(num(m, "al-extents", 1237)),
+        engine: EngineOptions::default(),
+        net: peer_config(m)?,
+    })
+}
+
+/// A running resource: the volume, its NBD export.
+pub struct Running {
+    replica: Arc<Replica>,
+    nbd: NbdServer,
+    /// Kept so the listener stays open (dropping it stops listening).
+    _listener: Listener,
+    socket: PathBuf,
+    peer: String,
+}
+
+impl host::Replica for Running {
+    fn status(&self) -> Vec<VolumeStatus> {
+        vec![self.replica.status()]
+    }
+
+    fn peer_name(&self) -> String {
+        self.peer.clone()
+    }
+
+    fn request(&self, req: AdminRequest) -> BoxFuture<'_, Result<(), AdminError>> {
+        Box::pin(self.replica.admin(req))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.nbd.shutdown().await;
+            let _ = std::fs::remove_file(&self.socket);
+            self.replica.shutdown().await;
+        })
+    }
+}
+
+/// The factory `drbdd` runs with: real volumes, served over NBD.
+pub struct RuntimeFactory;
+
+impl ReplicaFactory for RuntimeFactory {
+    fn start<'a>(
+        &'a self,
+        resource: &'a ResourceModel,
+        _node: &'a str,
+        state_dir: &'a Path,
+    ) -> BoxFuture<'a, Result<Arc<dyn host::Replica>, AdminError>> {
+        Box::pin(async move {
+            let cfg = replica_config(resource).map_err(|message| AdminError::Other {
+                exit_code: 10,
+                message,
+            })?;
+            let replica = Replica::start(cfg).await.map_err(|e| AdminError::Other {
+                exit_code: 10,
+                message: e.to_string(),
+            })?;
+            let socket = nbd_socket(state_dir, &resource.name);
+            let _ = std::fs::remove_file(&socket);
+            let nbd = NbdServer::new();
+            let served: Result<Listener, String> = async {
+                nbd.add_export(
+                    resource.name.clone(),
+                    replica.clone() as Arc<dyn BlockDevice>,
+                    format!("DRBD resource {}", resource.name),
+                )
+                .map_err(|e| e.to_string())?;
+                nbd.serve_unix_with_default(&socket, &resource.name)
+                    .await
+                    .map_err(|e| format!("{}: {e}", socket.display()))
+            }
+            .await;
+            let listener = match served {
+                Ok(l) => l,
+                Err(message) => {
+                    replica.shutdown().await;
+                    return Err(AdminError::Other {
+                        exit_code: 10,
+                        message,
+                    });
+                }
+            };
+            tracing::info!(
+                resource = %resource.name,
+                "up: NBD export '{}' at {}, disk engine {}",
+                resource.name,
+                socket.display(),
+                replica.engine()
+            );
+            Ok(Arc::new(Running {
+                replica,
+                nbd,
+                _listener: listener,
+                socket,
+                peer: resource.peer_name.clone().unwrap_or_else(|| "peer".into()),
+            }) as Arc<dyn host::Replica>)
+        })
+    }
+}

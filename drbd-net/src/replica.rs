@@ -1,0 +1,1148 @@
+//! The runtime of one replicated volume: drives a [`drbd_core::replication::device::Device`]
+//! with a disk engine, the metadata on the backing device, and (optionally) a peer connection.
+//!
+//! One tokio task (the "actor") owns the [`Device`]. Everything reaches it as a message:
+//! application requests from the in-process API or the NBD export ([`Replica`] implements
+//! [`BlockDevice`]), disk completions from the engine's channel, events of the peer session,
+//! administrative requests and a 100 ms tick. After each input it executes the device's
+//! actions: disk and metadata operations go to the engine (ops the engine cannot take yet wait
+//! in a backlog bounded by the device's own limits), messages go to the session, completions
+//! go back to the waiting callers.
+//!
+//! The metadata is the v08 layout `drbdmeta create-md` writes (internal meta data at the end
+//! of the backing device). While the volume runs, the superblock carries a cleared
+//! `MDF_AL_CLEAN` flag; a clean shutdown writes the bitmap and sets it again, so the next
+//! start (or `drbdmeta dump-md`) knows whether the activity log must be replayed.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use drbd_core::meta::flags::{MDF_AL_CLEAN, MDF_PRIMARY_IND};
+use drbd_core::meta::layout::{self, Layout, Placement};
+use drbd_core::meta::superblock::{Magic, SuperblockV08, Uuids};
+use drbd_core::replication::activity_log::{self, ActivityLog};
+use drbd_core::replication::bitmap::DirtyBitmap;
+use drbd_core::replication::device::{
+    Action, AppOp, Device, DeviceConfig, DiskOp as CoreOp, IoError, LocalDisk, MetaOp,
+    MAX_REQUEST_BYTES, RESYNC_STEP,
+};
+use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::disk::{
+    open_engine, AlignedBuf, Completion, CompletionReceiver, DiskEngine, DiskOp, EngineOptions,
+    SubmitError,
+};
+use crate::handshake::VolumeHello;
+use crate::nbd::{BlockDevice, BlockError, BoxFuture};
+use crate::peer;
+use crate::transport::{Connection, HelloSource, PeerConfig, SessionEvent, SessionSender};
+use crate::wire::{ConnState as WireConn, Sizes};
+use drbd_core::replication::device::LocalHello;
+use drbd_core::replication::msg::PeerMsg;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Commands queued to the actor at most; callers wait beyond that (back-pressure).
+const CMD_QUEUE: usize = 1024;
+/// How long a shutdown waits for in-flight application requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Session events buffered between the transport and the actor. Small on purpose: when the
+/// actor does not take peer writes (max-buffers reached), the transport stops reading.
+const EVENT_QUEUE: usize = 64;
+/// Payload bytes queued for the peer beyond which the actor stops taking new application
+/// requests (back-pressure towards the application instead of unbounded queueing).
+const OUTBOX_HIGH_BYTES: usize = 16 << 20;
+
+/// Where the meta data lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaLocation {
+    /// At the end of the backing device.
+    Internal,
+}
+
+/// Everything needed to run one volume.
+#[derive(Clone)]
+pub struct ReplicaConfig {
+    /// Resource name (logs, NBD export).
+    pub name: String,
+    pub volume: u16,
+    pub minor: u32,
+    /// The backing device or file.
+    pub disk: PathBuf,
+    pub meta: MetaLocation,
+    pub device: DeviceConfig,
+    /// `al-extents`.
+    pub al_extents: u32,
+    pub engine: EngineOptions,
+    /// The peer connection, if the resource has one configured (its `hello` is supplied by
+    /// the volume); started at start and by `connect`.
+    pub net: Option<PeerConfig>,
+}
+
+/// Why a volume could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path}: no valid meta data found: {reason} (run create-md)")]
+    NoMetaData { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+enum Cmd {
+    Io {
+        sector: u64,
+        op: AppOp,
+        reply: oneshot::Sender<Result<Option<Bytes>, IoError>>,
+    },
+    Admin {
+        req: AdminRequest,
+        reply: oneshot::Sender<Result<(), AdminError>>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A running volume. Cloning the `Arc` shares it; [`Replica::shutdown`] stops it.
+pub struct Replica {
+    name: String,
+    cmds: mpsc::Sender<Cmd>,
+    status: watch::Receiver<VolumeStatus>,
+    size_bytes: u64,
+    engine: &'static str,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// What attaching read from the backing device.
+struct Attached {
+    sb: SuperblockV08,
+    layout: Layout,
+    sectors: u64,
+    bitmap: DirtyBitmap,
+    al: ActivityLog,
+    replayed_extents: usize,
+}
+
+fn read_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<Vec<u8>, StartError> {
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)
+        .map_err(|source| StartError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    Ok(buf)
+}
+
+/// Reads and validates the metadata (blocking).
+fn read_metadata(cfg: &ReplicaConfig) -> Result<Attached, StartError> {
+    let path = &cfg.disk;
+    let io_err = |source| StartError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(io_err)?;
+    let size = file_size(&file).map_err(io_err)?;
+    let no_md = |reason: String| StartError::NoMetaData {
+        path: path.clone(),
+        reason,
+    };
+    let md_offset =
+        layout::md_offset(Placement::Internal, size).map_err(|e| no_md(e.to_string()))?;
+    let block = read_at(&file, path, md_offset, 4096)?;
+    let sb = SuperblockV08::decode(&block, Placement::Internal, size)
+        .map_err(|e| no_md(e.to_string()))?;
+    let layout = sb
+        .layout(Placement::Internal, size)
+        .map_err(|e| no_md(e.to_string()))?;
+    let sectors = layout.max_usable_sectors(sb.bm_bytes_per_bit);
+    let bm_bytes =
+        layout::bitmap_bytes(sectors, sb.bm_bytes_per_bit).map_err(|e| no_md(e.to_string()))?;
+    let area = read_at(&file, path, layout.bm_offset(), bm_bytes)?;
+    let mut bitmap =
+        DirtyBitmap::from_disk_bytes(sectors, &area).map_err(|e| no_md(e.to_string()))?;
+    let geometry = layout.al();
+    let ring = read_at(&file, path, layout.al_offset(), geometry.size_bytes())?;
+    let replay = activity_log::replay(&ring, geometry).map_err(|e| no_md(e.to_string()))?;
+    let mut replayed_extents = 0;
+    if !sb.is_clean() {
+        // The volume did not stop cleanly: every extent that was active may differ from the
+        // peer.
+        replayed_extents = replay.extents.len();
+        activity_log::mark_extents_dirty(&mut bitmap, &replay.extents);
+    }
+    let next_tr = replay.newest_tr.map_or(0, |n| n.wrapping_add(1));
+    let al = ActivityLog::new(cfg.al_extents, geometry)
+        .map_err(|e| StartError::Other(format!("al-extents {}: {e}", cfg.al_extents)))?
+        .with_next_tr_number(next_tr);
+    Ok(Attached {
+        sb,
+        layout,
+        sectors,
+        bitmap,
+        al,
+        replayed_extents,
+    })
+}
+
+fn file_size(file: &File) -> io::Result<u64> {
+    let meta = file.metadata()?;
+    if meta.file_type().is_file() {
+        return Ok(meta.len());
+    }
+    // A block device: its size is where a seek to the end lands.
+    use std::io::Seek;
+    let mut f = file.try_clone()?;
+    f.seek(io::SeekFrom::End(0))
+}
+
+impl Replica {
+    /// Attaches the backing device, starts the actor, and connects when the configuration has
+    /// a peer.
+    pub async fn start(cfg: ReplicaConfig) -> Result<Arc<Replica>, StartError> {
+        let c = cfg.clone();
+        let attached = tokio::task::spawn_blocking(move || read_metadata(&c))
+            .await
+            .map_err(|e| StartError::Other(format!("attach task failed: {e}")))??;
+        let (engine, completions) =
+            open_engine(&cfg.disk, &cfg.engine).map_err(|e| StartError::Other(e.to_string()))?;
+        let engine_name = engine.name();
+        tracing::info!(
+            resource = %cfg.name,
+            "attached {}: {} sectors, disk engine {}{}, {} activity-log extents replayed",
+            cfg.disk.display(),
+            attached.sectors,
+            engine_name,
+            if engine.direct_io() { " (O_DIRECT)" } else { "" },
+            attached.replayed_extents
+        );
+        let local = LocalDisk {
+            sectors: attached.sectors,
+            uuids: drbd_core::uuid::GenerationUuids::from_array([
+                attached.sb.uuids.current,
+                attached.sb.uuids.bitmap,
+                attached.sb.uuids.history[0],
+                attached.sb.uuids.history[1],
+            ]),
+            flags: attached.sb.flags,
+            bitmap: attached.bitmap,
+            al: attached.al,
+        };
+        let mut dcfg = cfg.device.clone();
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|e| StartError::Other(e.to_string()))?;
+        dcfg.rng_seed = u64::from_le_bytes(seed);
+        let dev = Device::new(dcfg, cfg.volume, cfg.minor, attached.sectors, Some(local))
+            .map_err(StartError::Other)?;
+        let (status_tx, status_rx) = watch::channel(dev.status());
+        let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+        let size_bytes = attached.sectors * 512;
+        let mut actor = Actor {
+            name: cfg.name.clone(),
+            dev,
+            engine,
+            sb: attached.sb,
+            layout: attached.layout,
+            origin: Instant::now(),
+            app: HashMap::new(),
+            next_req: 1,
+            ops: HashMap::new(),
+            next_op: 1,
+            backlog: VecDeque::new(),
+            metas: HashMap::new(),
+            status: status_tx,
+            net_cfg: cfg.net.clone(),
+            session: None,
+            hello: Arc::new(Mutex::new(HelloSlot::default())),
+            outbox_bytes: Arc::new(AtomicUsize::new(0)),
+            restart_pending: false,
+            shutting_down: None,
+        };
+        // The superblock says "not clean" while the volume runs.
+        actor.sb.flags &= !MDF_AL_CLEAN;
+        actor.sb.la_size_sect = attached.sectors;
+        actor.drain_actions();
+        if actor.net_cfg.is_some() {
+            actor
+                .start_session()
+                .await
+                .map_err(|e| StartError::Other(format!("cannot listen: {e}")))?;
+        }
+        let task = tokio::spawn(actor.run(cmd_rx, completions));
+        Ok(Arc::new(Replica {
+            name: cfg.name,
+            cmds: cmd_tx,
+            status: status_rx,
+            size_bytes,
+            engine: engine_name,
+            task: Mutex::new(Some(task)),
+        }))
+    }
+
+    /// The resource name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The disk engine in use (`io_uring` or `thread-pool`).
+    pub fn engine(&self) -> &'static str {
+        self.engine
+    }
+
+    /// Size of the replicated device in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// The current state.
+    pub fn status(&self) -> VolumeStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until `pred` holds for the state or `limit` passes; returns the last state seen.
+    pub async fn wait_for(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&VolumeStatus) -> bool,
+    ) -> Result<VolumeStatus, VolumeStatus> {
+        let mut rx = self.status.clone();
+        let found = match tokio::time::timeout(limit, rx.wait_for(|s| pred(s))).await {
+            Ok(Ok(s)) => Some(s.clone()),
+            _ => None,
+        };
+        found.ok_or_else(|| self.status())
+    }
+
+    /// One application request of at most 1 MiB.
+    pub async fn submit(&self, sector: u64, op: AppOp) -> Result<Option<Bytes>, IoError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Io { sector, op, reply })
+            .await
+            .map_err(|_| IoError::Disk)?;
+        rx.await.map_err(|_| IoError::Disk)?
+    }
+
+    /// An administrative request.
+    pub async fn admin(&self, req: AdminRequest) -> Result<(), AdminError> {
+        let (reply, rx) = oneshot::channel();
+        let gone = || AdminError::Other {
+            exit_code: 10,
+            message: format!("{}: resource is shutting down", self.name),
+        };
+        self.cmds
+            .send(Cmd::Admin { req, reply })
+            .await
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Stops the volume: waits for in-flight requests, writes the metadata, closes the
+    /// connection and the disk.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.cmds.send(Cmd::Shutdown { reply }).await.is_ok() {
+            let _ = rx.await;
+        }
+        let task = self.task.lock().expect("not poisoned").take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
+    }
+
+    /// Reads `len` bytes at byte `offset` (both multiples of 512).
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, IoError> {
+        let mut out = bytes::BytesMut::with_capacity(len as usize);
+        for (off, l) in chunks(offset, len)? {
+            let rx = self.send_io(off / 512, AppOp::Read { len: l }).await?;
+            out.extend_from_slice(&rx.await.map_err(|_| IoError::Disk)??.unwrap_or_default());
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at byte `offset`; with `fua`, durable on completion.
+    pub async fn write(&self, offset: u64, data: Bytes, fua: bool) -> Result<(), IoError> {
+        let len = u32::try_from(data.len()).map_err(|_| IoError::Invalid)?;
+        // All chunks are submitted before waiting, so they run concurrently.
+        let mut waits = Vec::new();
+        for (off, l) in chunks(offset, len)? {
+            let start = (off - offset) as usize;
+            let piece = data.slice(start..start + l as usize);
+            waits.push(
+                self.send_io(off / 512, AppOp::Write { data: piece, fua })
+                    .await?,
+            );
+        }
+        for w in waits {
+            w.await.map_err(|_| IoError::Disk)??;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable on this node and on the peer.
+    pub async fn flush(&self) -> Result<(), IoError> {
+        self.submit(0, AppOp::Flush).await.map(drop)
+    }
+
+    /// Discards (`zero == false`) or zeroes a range.
+    pub async fn discard(&self, offset: u64, len: u32, zero: bool) -> Result<(), IoError> {
+        let mut waits = Vec::new();
+        for (off, l) in chunks(offset, len)? {
+            let op = if zero {
+                AppOp::Zeroes { len: l }
+            } else {
+                AppOp::Discard { len: l }
+            };
+            waits.push(self.send_io(off / 512, op).await?);
+        }
+        for w in waits {
+            w.await.map_err(|_| IoError::Disk)??;
+        }
+        Ok(())
+    }
+
+    async fn send_io(
+        &self,
+        sector: u64,
+        op: AppOp,
+    ) -> Result<oneshot::Receiver<Result<Option<Bytes>, IoError>>, IoError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Cmd::Io { sector, op, reply })
+            .await
+            .map_err(|_| IoError::Disk)?;
+        Ok(rx)
+    }
+}
+
+/// Splits a byte range into requests of at most [`MAX_REQUEST_BYTES`].
+fn chunks(offset: u64, len: u32) -> Result<Vec<(u64, u32)>, IoError> {
+    if !offset.is_multiple_of(512) || !len.is_multiple_of(512) {
+        return Err(IoError::Invalid);
+    }
+    let mut out = Vec::new();
+    let mut off = offset;
+    let mut left = len;
+    while left > 0 {
+        let l = left.min(MAX_REQUEST_BYTES);
+        out.push((off, l));
+        off += u64::from(l);
+        left -= l;
+    }
+    Ok(out)
+}
+
+fn block_error(e: IoError) -> BlockError {
+    match e {
+        IoError::ReadOnly => BlockError::ReadOnly,
+        IoError::Invalid => BlockError::OutOfRange,
+        IoError::NoData | IoError::Disk => BlockError::Io(io::Error::from_raw_os_error(5)),
+    }
+}
+
+impl BlockDevice for Replica {
+    fn size(&self) -> u64 {
+        self.size_bytes
+    }
+
+    fn read_only(&self) -> bool {
+        // Role changes happen while clients stay connected: writes on a Secondary fail with
+        // EPERM per request instead.
+        false
+    }
+
+    fn can_multi_conn(&self) -> bool {
+        // Every request goes through the one actor; a flush covers all completed writes.
+        true
+    }
+
+    fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BlockError>> {
+        Box::pin(async move { Replica::read(self, offset, len).await.map_err(block_error) })
+    }
+
+    fn write(&self, offset: u64, data: Bytes, fua: bool) -> BoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move {
+            Replica::write(self, offset, data, fua)
+                .await
+                .map_err(block_error)
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move { Replica::flush(self).await.map_err(block_error) })
+    }
+
+    fn trim(&self, offset: u64, len: u32, fua: bool) -> BoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.discard(offset, len, false)
+                .await
+                .map_err(block_error)?;
+            if fua {
+                Replica::flush(self).await.map_err(block_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u32,
+        _may_trim: bool,
+        fua: bool,
+    ) -> BoxFuture<'_, Result<(), BlockError>> {
+        Box::pin(async move {
+            self.discard(offset, len, true).await.map_err(block_error)?;
+            if fua {
+                Replica::flush(self).await.map_err(block_error)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The actor
+// ------------------------------------------------------------------------------------------
+
+/// What an engine op belongs to.
+enum OpFor {
+    /// A data-area op of the device.
+    Data { io: u64, read_len: Option<u32> },
+    /// One write of a metadata operation.
+    Meta { io: u64 },
+}
+
+/// A metadata operation in progress: writes left in the current stage, and a final write
+/// that must wait for them (the AL block after its bitmap pages).
+struct MetaProgress {
+    left: u32,
+    then: Option<(u64, AlignedBuf)>,
+    failed: bool,
+}
+
+/// The live connection of a volume.
+struct NetSession {
+    conn: Connection,
+    events: mpsc::Receiver<SessionEvent>,
+    /// Messages for the pump task that feeds them to the transport (which may wait for
+    /// socket buffer space without stalling the actor).
+    outbox: mpsc::UnboundedSender<(u64, PeerMsg)>,
+    /// The epoch of the established connection, if any.
+    epoch: Option<u64>,
+}
+
+/// What the volume tells the peer in the next handshake, and what it told it in the last.
+#[derive(Default)]
+struct HelloSlot {
+    current: Option<LocalHello>,
+    sent: Option<LocalHello>,
+}
+
+struct Actor {
+    name: String,
+    dev: Device,
+    engine: Box<dyn DiskEngine>,
+    sb: SuperblockV08,
+    layout: Layout,
+    origin: Instant,
+    app: HashMap<u64, oneshot::Sender<Result<Option<Bytes>, IoError>>>,
+    next_req: u64,
+    ops: HashMap<u64, OpFor>,
+    next_op: u64,
+    /// Ops the engine refused for lack of queue space, in order.
+    backlog: VecDeque<DiskOp>,
+    metas: HashMap<u64, MetaProgress>,
+    status: watch::Sender<VolumeStatus>,
+    net_cfg: Option<PeerConfig>,
+    session: Option<NetSession>,
+    hello: Arc<Mutex<HelloSlot>>,
+    outbox_bytes: Arc<AtomicUsize>,
+    /// A dropped connection is to be started again (after the old one closed).
+    restart_pending: bool,
+    shutting_down: Option<(Option<oneshot::Sender<()>>, Instant)>,
+}
+
+impl Actor {
+    fn now(&self) -> Duration {
+        Instant::now() - self.origin
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>, mut completions: CompletionReceiver) {
+        let mut tick = tokio::time::interval(RESYNC_STEP);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let receive = self.dev.can_receive() && self.session.is_some();
+            let accept = self.shutting_down.is_none()
+                && self.outbox_bytes.load(Ordering::Relaxed) < OUTBOX_HIGH_BYTES;
+            tokio::select! {
+                c = completions.recv() => match c {
+                    Some(c) => self.completion(c),
+                    None => break,
+                },
+                cmd = cmds.recv(), if accept => match cmd {
+                    Some(cmd) => self.command(cmd).await,
+                    None => self.begin_shutdown(None),
+                },
+                ev = next_event(&mut self.session), if receive => self.session_event(ev).await,
+                _ = tick.tick() => {
+                    let now = self.now();
+                    self.dev.tick(now);
+                }
+            }
+            self.drain_actions();
+            if self.restart_pending && self.shutting_down.is_none() {
+                self.restart_pending = false;
+                // Give the old listener a moment to close before binding again.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if let Err(e) = self.start_session().await {
+                    tracing::error!(resource = %self.name, "cannot restart the connection: {e}");
+                }
+                self.drain_actions();
+            }
+            if self.shutdown_ready() {
+                break;
+            }
+        }
+        self.finish(&mut completions).await;
+    }
+
+    async fn command(&mut self, cmd: Cmd) {
+        let now = self.now();
+        match cmd {
+            Cmd::Io { sector, op, reply } => {
+                let id = self.next_req;
+                self.next_req += 1;
+                self.app.insert(id, reply);
+                self.dev.submit(now, id, sector, op);
+            }
+            Cmd::Admin { req, reply } => {
+                let r = self.admin(req).await;
+                let _ = reply.send(r);
+            }
+            Cmd::Shutdown { reply } => self.begin_shutdown(Some(reply)),
+        }
+    }
+
+    async fn admin(&mut self, req: AdminRequest) -> Result<(), AdminError> {
+        let now = self.now();
+        match req {
+            AdminRequest::Connect { discard_my_data } => {
+                if self.net_cfg.is_none() {
+                    return Err(AdminError::Other {
+                        exit_code: 10,
+                        message: format!("{}: no peer configured", self.name),
+                    });
+                }
+                if self.session.is_some() {
+                    // Already connecting or connected: drbdsetup reports "net already
+                    // configured" (netlink code 125).
+                    return Err(AdminError::Other {
+                        exit_code: 10,
+                        message: format!(
+                            "{}: Failure: (125) Device has a net-config (use disconnect first)",
+                            self.dev.status().minor
+                        ),
+                    });
+                }
+                self.dev.set_discard_my_data(discard_my_data);
+                self.start_session().await.map_err(|e| AdminError::Other {
+                    exit_code: 10,
+                    message: format!("Failure: (102) Local address(port) already in use: {e}"),
+                })
+            }
+            AdminRequest::Disconnect => {
+                self.close_session().await;
+                self.dev.disconnect(now);
+                Ok(())
+            }
+            AdminRequest::Attach => Err(AdminError::Other {
+                exit_code: 10,
+                message: format!(
+                    "{}: Failure: (124) Device is attached to a disk (use detach first)",
+                    self.dev.status().minor
+                ),
+            }),
+            AdminRequest::Detach => Err(AdminError::Other {
+                exit_code: 10,
+                message: format!(
+                    "{}: detach of a running volume is done with 'down' in this version",
+                    self.dev.status().minor
+                ),
+            }),
+            other => self.dev.admin(now, other),
+        }
+    }
+
+    /// Starts listening and connecting.
+    async fn start_session(&mut self) -> io::Result<()> {
+        let Some(mut cfg) = self.net_cfg.clone() else {
+            return Ok(());
+        };
+        self.dev.connecting();
+        self.publish_hello();
+        let template = cfg.handshake.volumes.first().cloned();
+        let slot = self.hello.clone();
+        cfg.handshake.protocol.discard_my_data = self.dev.local_hello().discard_my_data;
+        cfg.hello = Some(HelloSource::new(move || {
+            let mut slot = slot.lock().expect("not poisoned");
+            let Some(h) = slot.current else {
+                return Vec::new();
+            };
+            slot.sent = Some(h);
+            vec![volume_hello(&h, template.as_ref())]
+        }));
+        let (tx, events) = mpsc::channel(EVENT_QUEUE);
+        let (conn, sender) = Connection::spawn_session(cfg, tx).await?;
+        let (outbox, rx) = mpsc::unbounded_channel();
+        tokio::spawn(pump(sender, rx, self.outbox_bytes.clone()));
+        self.session = Some(NetSession {
+            conn,
+            events,
+            outbox,
+            epoch: None,
+        });
+        Ok(())
+    }
+
+    async fn close_session(&mut self) {
+        if let Some(s) = self.session.take() {
+            s.conn.disconnect().await;
+        }
+    }
+
+    /// Makes the volume's current hello available to the transport's next handshake.
+    fn publish_hello(&mut self) {
+        let h = self.dev.local_hello();
+        self.hello.lock().expect("not poisoned").current = Some(h);
+    }
+
+    async fn session_event(&mut self, ev: Option<SessionEvent>) {
+        let now = self.now();
+        let Some(ev) = ev else {
+            self.session = None;
+            self.dev.disconnect(now);
+            return;
+        };
+        let current = self.session.as_ref().and_then(|s| s.epoch);
+        match ev {
+            SessionEvent::Connected { epoch, hello, .. } => {
+                if let Some(s) = self.session.as_mut() {
+                    s.epoch = Some(epoch);
+                }
+                let sent = self.hello.lock().expect("not poisoned").sent.take();
+                match sent {
+                    Some(sent) => self.dev.connected(now, &hello, &sent),
+                    None => tracing::error!(resource = %self.name, "connected without a hello"),
+                }
+            }
+            SessionEvent::Msg { epoch, msg } => {
+                if Some(epoch) == current {
+                    if let Err(e) = self.dev.received(now, msg) {
+                        tracing::warn!(resource = %self.name, "{e}");
+                    }
+                }
+            }
+            SessionEvent::Lost {
+                epoch,
+                reason,
+                retry,
+            } => {
+                if Some(epoch) == current {
+                    if let Some(s) = self.session.as_mut() {
+                        s.epoch = None;
+                    }
+                    self.dev.connection_lost(now, &reason);
+                }
+                if retry {
+                    // The transport connects again by itself.
+                    self.dev.connecting();
+                } else {
+                    self.close_session().await;
+                    self.dev.disconnect(now);
+                }
+            }
+            SessionEvent::StandAlone { reason } => {
+                tracing::error!(resource = %self.name, "connection given up: {reason}");
+                self.close_session().await;
+                self.dev.disconnect(now);
+            }
+        }
+    }
+
+    fn drain_actions(&mut self) {
+        while let Some(a) = self.dev.poll_action() {
+            match a {
+                Action::Disk { io, op } => self.disk_op(io, op),
+                Action::Meta { io, op } => self.meta_op(io, op),
+                Action::Send(msg) => {
+                    if let Some(s) = &self.session {
+                        if let Some(epoch) = s.epoch {
+                            self.outbox_bytes
+                                .fetch_add(payload_len(&msg), Ordering::Relaxed);
+                            let _ = s.outbox.send((epoch, msg));
+                        }
+                    }
+                }
+                Action::Complete { id, result } => {
+                    if let Some(reply) = self.app.remove(&id) {
+                        let _ = reply.send(result);
+                    }
+                }
+                Action::Disconnect { reason, retry } => {
+                    tracing::warn!(resource = %self.name, "dropping the connection: {reason}");
+                    if let Some(s) = self.session.take() {
+                        // The transport ends the connection; with `retry` a new one starts
+                        // (the device state says WFConnection again).
+                        let restart = retry;
+                        tokio::spawn(async move { s.conn.disconnect().await });
+                        if restart {
+                            self.restart_pending = true;
+                        }
+                    }
+                }
+                Action::Log(line) => tracing::info!(resource = %self.name, "{line}"),
+            }
+        }
+        self.publish_hello();
+        self.status.send_if_modified(|s| {
+            let new = self.dev.status();
+            if *s != new {
+                *s = new;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn submit(&mut self, op: DiskOp) {
+        if !self.backlog.is_empty() {
+            self.backlog.push_back(op);
+            return;
+        }
+        match self.engine.submit(op) {
+            Ok(()) => {}
+            Err(SubmitError::QueueFull(op)) => self.backlog.push_back(op),
+            Err(e) => {
+                let op = e.into_op();
+                tracing::error!(resource = %self.name, "disk engine refused op {}", op.id);
+                // Report the failure through the normal completion path.
+                self.fail_op(op.id);
+            }
+        }
+    }
+
+    fn fail_op(&mut self, op_id: u64) {
+        let now = self.now();
+        match self.ops.remove(&op_id) {
+            Some(OpFor::Data { io, .. }) => self.dev.disk_done(now, io, Err(())),
+            Some(OpFor::Meta { io }) => self.meta_step_done(io, false),
+            None => {}
+        }
+    }
+
+    fn pump_backlog(&mut self) {
+        while let Some(op) = self.backlog.pop_front() {
+            match self.engine.submit(op) {
+                Ok(()) => {}
+                Err(SubmitError::QueueFull(op)) => {
+                    self.backlog.push_front(op);
+                    break;
+                }
+                Err(e) => {
+                    let op = e.into_op();
+                    self.fail_op(op.id);
+                }
+            }
+        }
+    }
+
+    fn op_id(&mut self, what: OpFor) -> u64 {
+        let id = self.next_op;
+        self.next_op += 1;
+        self.ops.insert(id, what);
+        id
+    }
+
+    fn disk_op(&mut self, io: u64, op: CoreOp) {
+        let (read_len, disk_op) = match op {
+            CoreOp::Read { sector, len } => {
+                let id = self.op_id(OpFor::Data {
+                    io,
+                    read_len: Some(len),
+                });
+                (
+                    Some(len),
+                    DiskOp::read(id, sector * 512, AlignedBuf::zeroed(len as usize)),
+                )
+            }
+            CoreOp::Write { sector, data, fua } => {
+                let id = self.op_id(OpFor::Data { io, read_len: None });
+                (
+                    None,
+                    DiskOp::write(id, sector * 512, AlignedBuf::from_slice(&data), fua),
+                )
+            }
+            CoreOp::Flush => {
+                let id = self.op_id(OpFor::Data { io, read_len: None });
+                (None, DiskOp::flush(id))
+            }
+            CoreOp::Discard { sector, len } => {
+                let id = self.op_id(OpFor::Data { io, read_len: None });
+                (None, DiskOp::discard(id, sector * 512, len))
+            }
+            CoreOp::Zeroes { sector, len } => {
+                let id = self.op_id(OpFor::Data { io, read_len: None });
+                (None, DiskOp::write_zeroes(id, sector * 512, len))
+            }
+        };
+        let _ = read_len;
+        self.submit(disk_op);
+    }
+
+    fn meta_op(&mut self, io: u64, op: MetaOp) {
+        match op {
+            MetaOp::Superblock { uuids, flags } => {
+                self.sb.uuids = Uuids {
+                    current: uuids.current,
+                    bitmap: uuids.bitmap,
+                    history: uuids.history,
+                };
+                let keep_clean = self.sb.flags & MDF_AL_CLEAN;
+                self.sb.flags = (flags & !MDF_AL_CLEAN) | keep_clean;
+                self.sb.magic = Magic::V08;
+                let block = AlignedBuf::from_slice(&self.sb.encode());
+                self.metas.insert(
+                    io,
+                    MetaProgress {
+                        left: 1,
+                        then: None,
+                        failed: false,
+                    },
+                );
+                let id = self.op_id(OpFor::Meta { io });
+                let off = self.layout.md_offset();
+                self.submit(DiskOp::write(id, off, block, true));
+            }
+            MetaOp::BitmapPages { pages } => self.write_pages(io, pages, None),
+            MetaOp::AlTransaction { pages, al } => {
+                let off = self.layout.al_offset() + al.byte_offset();
+                let block = AlignedBuf::from_slice(&al.block);
+                self.write_pages(io, pages, Some((off, block)));
+            }
+        }
+    }
+
+    fn write_pages(
+        &mut self,
+        io: u64,
+        pages: Vec<(u64, Vec<u8>)>,
+        then: Option<(u64, AlignedBuf)>,
+    ) {
+        if pages.is_empty() {
+            if let Some((off, block)) = then {
+                self.metas.insert(
+                    io,
+                    MetaProgress {
+                        left: 1,
+                        then: None,
+                        failed: false,
+                    },
+                );
+                let id = self.op_id(OpFor::Meta { io });
+                self.submit(DiskOp::write(id, off, block, true));
+            } else {
+                let now = self.now();
+                self.dev.disk_done(now, io, Ok(None));
+            }
+            return;
+        }
+        self.metas.insert(
+            io,
+            MetaProgress {
+                left: pages.len() as u32,
+                then,
+                failed: false,
+            },
+        );
+        let base = self.layout.bm_offset();
+        for (p, bytes) in pages {
+            let id = self.op_id(OpFor::Meta { io });
+            self.submit(DiskOp::write(
+                id,
+                base + p * 4096,
+                AlignedBuf::from_slice(&bytes),
+                true,
+            ));
+        }
+    }
+
+    fn meta_step_done(&mut self, io: u64, ok: bool) {
+        let Some(m) = self.metas.get_mut(&io) else {
+            return;
+        };
+        m.left -= 1;
+        m.failed |= !ok;
+        if m.left > 0 {
+            return;
+        }
+        if let Some((off, block)) = m.then.take() {
+            m.left = 1;
+            let id = self.op_id(OpFor::Meta { io });
+            self.submit(DiskOp::write(id, off, block, true));
+            return;
+        }
+        let failed = self.metas.remove(&io).is_some_and(|m| m.failed);
+        if failed {
+            tracing::error!(resource = %self.name, "metadata write failed");
+        }
+        let now = self.now();
+        self.dev
+            .disk_done(now, io, if failed { Err(()) } else { Ok(None) });
+    }
+
+    fn completion(&mut self, c: Completion) {
+        let now = self.now();
+        match self.ops.remove(&c.id) {
+            Some(OpFor::Data { io, read_len }) => {
+                let result = match (c.result, read_len) {
+                    (Ok(n), Some(len)) if n == len => Ok(Some(Bytes::copy_from_slice(
+                        &c.buf.as_slice()[..len as usize],
+                    ))),
+                    (Ok(_), Some(_)) => Err(()),
+                    (Ok(_), None) => Ok(None),
+                    (Err(e), _) => {
+                        tracing::error!(resource = %self.name, "disk I/O error: {e}");
+                        Err(())
+                    }
+                };
+                self.dev.disk_done(now, io, result);
+            }
+            Some(OpFor::Meta { io }) => self.meta_step_done(io, c.result.is_ok()),
+            None => {}
+        }
+        self.pump_backlog();
+    }
+
+    fn begin_shutdown(&mut self, reply: Option<oneshot::Sender<()>>) {
+        if self.shutting_down.is_none() {
+            self.shutting_down = Some((reply, Instant::now() + SHUTDOWN_GRACE));
+        }
+    }
+
+    /// Whether the shutdown may proceed: the device is idle or the grace period passed.
+    fn shutdown_ready(&self) -> bool {
+        match &self.shutting_down {
+            Some((_, deadline)) => self.dev.is_idle() || Instant::now() >= *deadline,
+            None => false,
+        }
+    }
+
+    /// Closes the connection, writes the final metadata and marks the activity log clean.
+    async fn finish(mut self, completions: &mut CompletionReceiver) {
+        self.close_session().await;
+        let now = self.now();
+        // Requests that did not finish in the grace period fail.
+        for (_, reply) in self.app.drain() {
+            let _ = reply.send(Err(IoError::Disk));
+        }
+        self.dev.shutdown(now);
+        self.drain_actions();
+        let clean = self.dev.is_idle();
+        self.wait_ops(completions).await;
+        if clean {
+            self.sb.flags = (self.dev.md_flags() & !MDF_PRIMARY_IND) | MDF_AL_CLEAN;
+            let block = AlignedBuf::from_slice(&self.sb.encode());
+            let id = self.next_op;
+            self.next_op += 1;
+            let off = self.layout.md_offset();
+            if self
+                .engine
+                .submit(DiskOp::write(id, off, block, true))
+                .is_ok()
+            {
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, completions.recv()).await;
+            }
+        } else {
+            tracing::warn!(resource = %self.name, "stopping with requests in flight; the activity log stays unclean");
+        }
+        tracing::info!(resource = %self.name, "stopped");
+        if let Some((Some(reply), _)) = self.shutting_down.take() {
+            let _ = reply.send(());
+        }
+    }
+
+    async fn wait_ops(&mut self, completions: &mut CompletionReceiver) {
+        let deadline = Instant::now() + SHUTDOWN_GRACE;
+        while !self.ops.is_empty() {
+            match tokio::time::timeout_at(deadline, completions.recv()).await {
+                Ok(Some(c)) => self.completion(c),
+                _ => break,
+            }
+            self.drain_actions();
+        }
+    }
+}
+
+async fn next_event(session: &mut Option<NetSession>) -> Option<SessionEvent> {
+    match session {
+        Some(s) => s.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Bytes of payload a message carries (what the outbox limit counts).
+fn payload_len(msg: &PeerMsg) -> usize {
+    match msg {
+        PeerMsg::Data { data, .. }
+        | PeerMsg::DataReply { data, .. }
+        | PeerMsg::RsDataReply { data, .. } => data.len(),
+        PeerMsg::Bitmap(words) => words.len() * 8,
+        _ => 0,
+    }
+}
+
+/// Feeds queued messages to the transport, waiting for socket buffer space as needed.
+async fn pump(
+    sender: SessionSender,
+    mut rx: mpsc::UnboundedReceiver<(u64, PeerMsg)>,
+    bytes: Arc<AtomicUsize>,
+) {
+    while let Some((epoch, msg)) = rx.recv().await {
+        let n = payload_len(&msg);
+        // A stale epoch means that connection is gone: the message is dropped, as TCP
+        // would have dropped it.
+        let _ = sender.send(epoch, msg).await;
+        bytes.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+/// The handshake's per-volume hello from the volume's [`LocalHello`].
+fn volume_hello(h: &LocalHello, template: Option<&VolumeHello>) -> VolumeHello {
+    let mut state = h.state;
+    state.conn = drbd_core::state::ConnState::WfReportParams;
+    let sync_param = template.map(|t| t.sync_param.clone()).unwrap_or_default();
+    let _ = WireConn::WfReportParams;
+    VolumeHello {
+        volume: template.map_or(0, |t| t.volume),
+        sync_param,
+        sizes: Sizes {
+            d_size: h.disk_sectors,
+            u_size: 0,
+            c_size: h.current_sectors,
+            max_bio_size: MAX_REQUEST_BYTES,
+            ..Sizes::default()
+        },
+        uuids: peer::wire_uuids(&h.uuids),
+        state: peer::wire_state(&state),
+    }
+}
