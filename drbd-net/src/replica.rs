@@ -1051,13 +1051,14 @@ impl Actor {
     async fn finish(mut self, completions: &mut CompletionReceiver) {
         self.close_session().await;
         let now = self.now();
+        // The activity log is clean only if no application request is left in flight.
+        let clean = self.app.is_empty();
         // Requests that did not finish in the grace period fail.
         for (_, reply) in self.app.drain() {
             let _ = reply.send(Err(IoError::Disk));
         }
         self.dev.shutdown(now);
         self.drain_actions();
-        let clean = self.dev.is_idle();
         self.wait_ops(completions).await;
         if clean {
             self.sb.flags = (self.dev.md_flags() & !MDF_PRIMARY_IND) | MDF_AL_CLEAN;

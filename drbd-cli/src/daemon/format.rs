@@ -174,13 +174,12 @@ pub fn status_text(
             }
             let _ = writeln!(out, "    {}", f.join(" "));
             if opts.statistics {
+                // drbdsetup prints the out-of-sync amount even when it is 0.
                 let mut s = vec![
                     format!("received:{}", v.received_kib),
                     format!("sent:{}", v.sent_kib),
+                    format!("out-of-sync:{}", v.out_of_sync_kib),
                 ];
-                if opts.verbose || v.out_of_sync_kib != 0 {
-                    s.push(format!("out-of-sync:{}", v.out_of_sync_kib));
-                }
                 if opts.verbose {
                     s.push(format!("pending:{}", v.pending_writes));
                 }
