@@ -217,12 +217,13 @@ impl Replica {
         let engine_name = engine.name();
         tracing::info!(
             resource = %cfg.name,
-            "attached {}: {} sectors, disk engine {}{}, {} activity-log extents replayed",
+            "attached {}: {} sectors, disk engine {}{}, {} activity-log extents replayed, {} KiB out of sync",
             cfg.disk.display(),
             attached.sectors,
             engine_name,
             if engine.direct_io() { " (O_DIRECT)" } else { "" },
-            attached.replayed_extents
+            attached.replayed_extents,
+            attached.bitmap.count() * 4
         );
         let local = LocalDisk {
             sectors: attached.sectors,

@@ -86,6 +86,10 @@ pub struct PairSpec<'a> {
     pub resource_extra: &'a str,
     /// Network namespaces for alpha and bravo (None: the host's).
     pub netns: [Option<&'a str>; 2],
+    /// Extra options inside the resource's `disk { ... }` section.
+    pub disk_extra: &'a str,
+    /// Extra options inside the resource's `net { ... }` section.
+    pub net_extra: &'a str,
 }
 
 impl Default for PairSpec<'_> {
@@ -95,6 +99,8 @@ impl Default for PairSpec<'_> {
             addresses: ["127.0.0.1:7800", "127.0.0.2:7800"],
             resource_extra: "",
             netns: [None, None],
+            disk_extra: "",
+            net_extra: "",
         }
     }
 }
@@ -153,8 +159,8 @@ impl Pair {
             })
             .collect();
         let text = format!(
-            "global {{ usage-count no; }}\nresource r0 {{\n    protocol C;\n    net {{ connect-int 1; ping-int 1; }}\n    disk {{ resync-rate 400M; c-plan-ahead 0; }}\n{}\n{hosts}}}\n",
-            spec.resource_extra
+            "global {{ usage-count no; }}\nresource r0 {{\n    protocol C;\n    net {{ connect-int 1; ping-int 1; {} }}\n    disk {{ resync-rate 400M; c-plan-ahead 0; {} }}\n{}\n{hosts}}}\n",
+            spec.net_extra, spec.disk_extra, spec.resource_extra
         );
         std::fs::write(&conf, text).expect("config");
         let pair = Pair {
