@@ -209,3 +209,126 @@ fn sigterm_shuts_down_cleanly_and_a_restart_needs_no_resync() {
         assert!(log.contains("0 activity-log extents replayed"), "{log}");
     }
 }
+
+fn pair_on(port: u16, net_extra: &'static str) -> Pair {
+    let a: &'static str = Box::leak(format!("127.0.0.1:{port}").into_boxed_str());
+    let b: &'static str = Box::leak(format!("127.0.0.2:{port}").into_boxed_str());
+    Pair::new(PairSpec {
+        addresses: [a, b],
+        net_extra,
+        ..PairSpec::default()
+    })
+}
+
+#[test]
+fn protocols_a_and_b_replicate_too() {
+    for (port, proto) in [(7813u16, "A"), (7814, "B")] {
+        let extra: &'static str = Box::leak(format!("protocol {proto};").into_boxed_str());
+        let mut p = pair_on(port, extra);
+        p.up_and_sync();
+        let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
+        for b in 0..500u64 {
+            c.write((b * 13 % 16000) * 4096, &stamped_block(b, 3))
+                .expect("write");
+        }
+        c.flush().expect("flush");
+        drop(c);
+        // Protocol A and B complete before the peer wrote: wait until it has caught up.
+        p.wait_until(
+            "the peer received every write",
+            Duration::from_secs(20),
+            |p| p.statistic(1, "written") >= p.statistic(0, "sent"),
+        );
+        let size = size_of_export(&p);
+        assert!(
+            p.data(0, size) == p.data(1, size),
+            "protocol {proto}: the replicas differ"
+        );
+    }
+}
+
+#[test]
+fn new_current_uuid_clear_bitmap_skips_the_initial_sync() {
+    let mut p = pair_on(7815, "");
+    for i in 0..2 {
+        p.start(i);
+        p.adm_ok(i, &["up", "r0"]);
+    }
+    p.wait_until("Connected", Duration::from_secs(30), |p| {
+        p.cstate(0) == "Connected" && p.cstate(1) == "Connected"
+    });
+    assert_eq!(p.dstate(0), "Inconsistent/Inconsistent");
+    p.adm_ok(0, &["new-current-uuid", "--clear-bitmap", "r0"]);
+    p.wait_in_sync(Duration::from_secs(10));
+    assert_eq!(p.statistic(1, "received"), 0, "no data moved");
+    let gi0 = p.adm_ok(0, &["get-gi", "r0"]);
+    let gi1 = p.adm_ok(1, &["get-gi", "r0"]);
+    assert_eq!(
+        gi0.split(':').next(),
+        gi1.split(':').next(),
+        "same current UUID: {gi0} {gi1}"
+    );
+    p.adm_ok(0, &["primary", "r0"]);
+}
+
+#[test]
+fn invalidate_and_invalidate_remote_resync_the_whole_device() {
+    let mut p = pair_on(7816, "");
+    p.up_and_sync();
+    let size = size_of_export(&p);
+    let device_kib = size.div_ceil(4096) * 4;
+    // invalidate on the Secondary: its data is fetched again from the Primary.
+    let before = p.statistic(1, "received");
+    p.adm_ok(1, &["invalidate", "r0"]);
+    p.wait_until("resync started", Duration::from_secs(10), |p| {
+        p.cstate(1) != "Connected"
+    });
+    p.wait_in_sync(Duration::from_secs(60));
+    assert_eq!(p.statistic(1, "received") - before, device_kib);
+    // invalidate-remote on the Primary: the peer's data is overwritten again.
+    let before = p.statistic(1, "received");
+    p.adm_ok(0, &["invalidate-remote", "r0"]);
+    p.wait_until("resync started", Duration::from_secs(10), |p| {
+        p.cstate(0) != "Connected"
+    });
+    p.wait_in_sync(Duration::from_secs(60));
+    assert_eq!(p.statistic(1, "received") - before, device_kib);
+    // invalidate-remote needs a connection; invalidate on a Primary without a peer fails.
+    p.adm_ok(1, &["disconnect", "r0"]);
+    let r = p.adm(0, &["invalidate-remote", "r0"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("State change failed"), "{}", r.stderr);
+    assert!(p.data(0, size) == p.data(1, size), "the replicas differ");
+}
+
+#[test]
+fn split_brain_leaves_both_standalone() {
+    let mut p = pair_on(7817, "");
+    p.up_and_sync();
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.adm_ok(0, &["disconnect", "r0"]);
+    // Both Primary while disconnected, both write.
+    p.adm_ok(1, &["primary", "r0"]);
+    for i in 0..2 {
+        let mut c = NbdClient::connect(&p.nbd_socket(i), "r0").expect("connect");
+        c.write(4096 * (1 + i as u64), &stamped_block(i as u64, 1))
+            .expect("write");
+    }
+    p.adm_ok(1, &["secondary", "r0"]);
+    for i in 0..2 {
+        p.adm_ok(i, &["connect", "r0"]);
+    }
+    p.wait_until("both StandAlone", Duration::from_secs(30), |p| {
+        p.cstate(0) == "StandAlone" && p.cstate(1) == "StandAlone"
+    });
+    for i in 0..2 {
+        assert!(
+            p.log(i).contains("Split-Brain detected but unresolved"),
+            "{}",
+            p.log(i)
+        );
+    }
+    // Both keep their own data.
+    assert_eq!(p.dstate(0), "UpToDate/DUnknown");
+    assert_eq!(p.dstate(1), "UpToDate/DUnknown");
+}
