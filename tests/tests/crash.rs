@@ -24,7 +24,13 @@ struct Acked {
 }
 
 /// Writes stamped blocks inside `extents` (round robin) until `stop` or an error.
-fn writer(p: &Pair, node: usize, extents: Vec<u64>, stop: Arc<AtomicBool>, acked: Arc<Mutex<Acked>>) -> thread::JoinHandle<()> {
+fn writer(
+    p: &Pair,
+    node: usize,
+    extents: Vec<u64>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+) -> thread::JoinHandle<()> {
     let socket = p.nbd_socket(node);
     thread::spawn(move || {
         let mut c = NbdClient::connect(&socket, "r0").expect("connect");
@@ -33,7 +39,9 @@ fn writer(p: &Pair, node: usize, extents: Vec<u64>, stop: Arc<AtomicBool>, acked
             let e = extents[(generation as usize) % extents.len()];
             let block = e * BLOCKS_PER_EXTENT + (generation * 37) % BLOCKS_PER_EXTENT;
             acked.lock().unwrap().in_flight = Some((block, generation));
-            if c.write(block * 4096, &stamped_block(block, generation)).is_err() {
+            if c.write(block * 4096, &stamped_block(block, generation))
+                .is_err()
+            {
                 return;
             }
             let mut a = acked.lock().unwrap();
@@ -48,7 +56,10 @@ fn writer(p: &Pair, node: usize, extents: Vec<u64>, stop: Arc<AtomicBool>, acked
 fn wait_for_writes(acked: &Mutex<Acked>, n: u64) {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while acked.lock().unwrap().count < n {
-        assert!(std::time::Instant::now() < deadline, "writer made no progress");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "writer made no progress"
+        );
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -62,7 +73,10 @@ fn check_acked(acked: &Acked, mut read: impl FnMut(u64) -> Vec<u8>) {
             || acked
                 .in_flight
                 .is_some_and(|(b, g)| b == block && got == stamped_block(block, g));
-        assert!(ok, "acknowledged write of block {block} (generation {generation}) lost");
+        assert!(
+            ok,
+            "acknowledged write of block {block} (generation {generation}) lost"
+        );
     }
 }
 
@@ -127,7 +141,9 @@ fn kill_primary_during_writes_then_failover_and_rejoin() {
     p.kill9(0);
     w.join().unwrap();
     // Failover: the survivor has every acknowledged write.
-    p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| p.cstate(1) != "Connected");
+    p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| {
+        p.cstate(1) != "Connected"
+    });
     p.adm_ok(1, &["primary", "r0"]);
     let acked = acked.lock().unwrap();
     let mut c = NbdClient::connect(&p.nbd_socket(1), "r0").unwrap();
@@ -148,7 +164,10 @@ fn kill_primary_during_writes_then_failover_and_rejoin() {
         .and_then(|s| s.rsplit(' ').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no replay count in log:\n{log}"));
-    assert!(extents >= 2, "the crashed primary's activity log held {extents} extents:\n{log}");
+    assert!(
+        extents >= 2,
+        "the crashed primary's activity log held {extents} extents:\n{log}"
+    );
     assert!(log.contains("resync started as SyncTarget"), "{log}");
     let received = p.statistic(0, "received");
     assert_eq!(
@@ -172,7 +191,9 @@ fn kill_primary_and_restart_it_resyncs_its_activity_log_to_the_peer() {
     wait_for_writes(&acked, 500);
     p.kill9(0);
     w.join().unwrap();
-    p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| p.cstate(1) != "Connected");
+    p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| {
+        p.cstate(1) != "Connected"
+    });
     let received_before = p.statistic(1, "received");
     let before = p.log(0).len();
     p.start(0);

@@ -200,8 +200,8 @@ fn sigterm_shuts_down_cleanly_and_a_restart_needs_no_resync() {
         p.adm_ok(i, &["up", "r0"]);
     }
     p.wait_in_sync(Duration::from_secs(30));
-    for i in 0..2 {
-        let log = p.log(i)[before[i]..].to_string();
+    for (i, &from) in before.iter().enumerate() {
+        let log = p.log(i)[from..].to_string();
         assert!(
             !log.contains("resync started"),
             "unexpected resync after a clean restart:\n{log}"
