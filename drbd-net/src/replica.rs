@@ -193,6 +193,22 @@ fn read_metadata(cfg: &ReplicaConfig) -> Result<Attached, StartError> {
     })
 }
 
+/// The device's view of what attaching read.
+fn local_disk(a: Attached) -> LocalDisk {
+    LocalDisk {
+        sectors: a.sectors,
+        uuids: drbd_core::uuid::GenerationUuids::from_array([
+            a.sb.uuids.current,
+            a.sb.uuids.bitmap,
+            a.sb.uuids.history[0],
+            a.sb.uuids.history[1],
+        ]),
+        flags: a.sb.flags,
+        bitmap: a.bitmap,
+        al: a.al,
+    }
+}
+
 fn file_size(file: &File) -> io::Result<u64> {
     let meta = file.metadata()?;
     if meta.file_type().is_file() {
@@ -225,33 +241,25 @@ impl Replica {
             attached.replayed_extents,
             attached.bitmap.count() * 4
         );
-        let local = LocalDisk {
-            sectors: attached.sectors,
-            uuids: drbd_core::uuid::GenerationUuids::from_array([
-                attached.sb.uuids.current,
-                attached.sb.uuids.bitmap,
-                attached.sb.uuids.history[0],
-                attached.sb.uuids.history[1],
-            ]),
-            flags: attached.sb.flags,
-            bitmap: attached.bitmap,
-            al: attached.al,
-        };
+        let sb = attached.sb;
+        let layout = attached.layout.clone();
+        let sectors = attached.sectors;
+        let local = local_disk(attached);
         let mut dcfg = cfg.device.clone();
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|e| StartError::Other(e.to_string()))?;
         dcfg.rng_seed = u64::from_le_bytes(seed);
-        let dev = Device::new(dcfg, cfg.volume, cfg.minor, attached.sectors, Some(local))
+        let dev = Device::new(dcfg, cfg.volume, cfg.minor, sectors, Some(local))
             .map_err(StartError::Other)?;
         let (status_tx, status_rx) = watch::channel(dev.status());
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
-        let size_bytes = attached.sectors * 512;
+        let size_bytes = sectors * 512;
         let mut actor = Actor {
             name: cfg.name.clone(),
             dev,
             engine,
-            sb: attached.sb,
-            layout: attached.layout,
+            sb,
+            layout,
             origin: Instant::now(),
             app: HashMap::new(),
             next_req: 1,
@@ -265,11 +273,13 @@ impl Replica {
             hello: Arc::new(Mutex::new(HelloSlot::default())),
             outbox_bytes: Arc::new(AtomicUsize::new(0)),
             restart_pending: false,
+            pending_detach: None,
+            cfg: cfg.clone(),
             shutting_down: None,
         };
         // The superblock says "not clean" while the volume runs.
         actor.sb.flags &= !MDF_AL_CLEAN;
-        actor.sb.la_size_sect = attached.sectors;
+        actor.sb.la_size_sect = sectors;
         actor.drain_actions();
         if actor.net_cfg.is_some() {
             actor
@@ -569,6 +579,10 @@ struct Actor {
     outbox_bytes: Arc<AtomicUsize>,
     /// A dropped connection is to be started again (after the old one closed).
     restart_pending: bool,
+    /// A `detach` waiting for the local I/O in flight.
+    pending_detach: Option<oneshot::Sender<Result<(), AdminError>>>,
+    /// The volume's configuration (re-read metadata on `attach`).
+    cfg: ReplicaConfig,
     shutting_down: Option<(Option<oneshot::Sender<()>>, Instant)>,
 }
 
@@ -583,6 +597,7 @@ impl Actor {
         loop {
             let receive = self.dev.can_receive() && self.session.is_some();
             let accept = self.shutting_down.is_none()
+                && self.pending_detach.is_none()
                 && self.outbox_bytes.load(Ordering::Relaxed) < OUTBOX_HIGH_BYTES;
             tokio::select! {
                 c = completions.recv() => match c {
@@ -600,6 +615,17 @@ impl Actor {
                 }
             }
             self.drain_actions();
+            if self.pending_detach.is_some() && !self.dev.local_io_in_flight() {
+                let now = self.now();
+                let r = self.dev.detach(now);
+                if r.is_ok() {
+                    tracing::info!(resource = %self.name, "detached {}", self.cfg.disk.display());
+                }
+                if let Some(reply) = self.pending_detach.take() {
+                    let _ = reply.send(r);
+                }
+                self.drain_actions();
+            }
             if self.restart_pending && self.shutting_down.is_none() {
                 self.restart_pending = false;
                 // Give the old listener a moment to close before binding again.
@@ -625,6 +651,14 @@ impl Actor {
                 self.app.insert(id, reply);
                 self.dev.submit(now, id, sector, op);
             }
+            Cmd::Admin {
+                req: AdminRequest::Detach,
+                reply,
+            } => {
+                // Carried out once the local I/O in flight has drained (see `run`); new
+                // application requests wait meanwhile.
+                self.pending_detach = Some(reply);
+            }
             Cmd::Admin { req, reply } => {
                 let r = self.admin(req).await;
                 let _ = reply.send(r);
@@ -648,10 +682,8 @@ impl Actor {
                     // configured" (netlink code 125).
                     return Err(AdminError::Other {
                         exit_code: 10,
-                        message: format!(
-                            "{}: Failure: (125) Device has a net-config (use disconnect first)",
-                            self.dev.status().minor
-                        ),
+                        message: "Failure: (125) Device has a net-config (use disconnect first)"
+                            .to_string(),
                     });
                 }
                 self.dev.set_discard_my_data(discard_my_data);
@@ -665,25 +697,49 @@ impl Actor {
                 self.dev.disconnect(now);
                 Ok(())
             }
-            AdminRequest::Attach => Err(AdminError::Other {
-                exit_code: 10,
-                message: format!(
-                    "{}: Failure: (124) Device is attached to a disk (use detach first)",
-                    self.dev.status().minor
-                ),
-            }),
-            AdminRequest::Detach => Err(AdminError::Other {
-                exit_code: 10,
-                message: format!(
-                    "{}: detach of a running volume is done with 'down' in this version",
-                    self.dev.status().minor
-                ),
-            }),
+            AdminRequest::Attach => self.attach().await,
+            AdminRequest::Detach => unreachable!("detach is handled in command()"),
             other => self.dev.admin(now, other),
         }
     }
 
     /// Starts listening and connecting.
+    /// `attach`: reads the metadata of the backing device again and hands it to the device.
+    async fn attach(&mut self) -> Result<(), AdminError> {
+        if self.dev.disk_state() != drbd_core::state::DiskState::Diskless {
+            return Err(AdminError::Other {
+                exit_code: 10,
+                message: "Failure: (124) Device is attached to a disk (use detach first)"
+                    .to_string(),
+            });
+        }
+        let c = self.cfg.clone();
+        let attached = tokio::task::spawn_blocking(move || read_metadata(&c))
+            .await
+            .map_err(|e| AdminError::Other {
+                exit_code: 10,
+                message: format!("attach task failed: {e}"),
+            })?
+            .map_err(|e| AdminError::Other {
+                exit_code: 10,
+                message: e.to_string(),
+            })?;
+        tracing::info!(
+            resource = %self.name,
+            "attached {} again: {} activity-log extents replayed, {} KiB out of sync",
+            self.cfg.disk.display(),
+            attached.replayed_extents,
+            attached.bitmap.count() * 4
+        );
+        self.sb = attached.sb;
+        self.sb.flags &= !MDF_AL_CLEAN;
+        self.sb.la_size_sect = attached.sectors;
+        self.layout = attached.layout;
+        let local = local_disk(attached);
+        let now = self.now();
+        self.dev.attach(now, local)
+    }
+
     async fn start_session(&mut self) -> io::Result<()> {
         let Some(mut cfg) = self.net_cfg.clone() else {
             return Ok(());

@@ -332,3 +332,58 @@ fn split_brain_leaves_both_standalone() {
     assert_eq!(p.dstate(0), "UpToDate/DUnknown");
     assert_eq!(p.dstate(1), "UpToDate/DUnknown");
 }
+
+#[test]
+fn detach_and_attach_at_run_time() {
+    let mut p = pair_on(7818, "");
+    p.up_and_sync();
+    let size = size_of_export(&p);
+    // The Secondary detaches: the Primary goes on, marking what the peer misses.
+    p.adm_ok(1, &["detach", "r0"]);
+    p.wait_until("Diskless secondary", Duration::from_secs(10), |p| {
+        p.dstate(1) == "Diskless/UpToDate" && p.dstate(0) == "UpToDate/Diskless"
+    });
+    let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
+    for b in 0..10u64 {
+        c.write(b * 8192, &stamped_block(b * 2, 1)).expect("write");
+    }
+    c.flush().expect("flush");
+    assert_eq!(p.statistic(0, "out-of-sync"), 40);
+    let before = p.statistic(1, "received");
+    p.adm_ok(1, &["attach", "r0"]);
+    p.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(
+        p.statistic(1, "received") - before,
+        40,
+        "only the blocks written meanwhile"
+    );
+    assert!(p.data(0, size) == p.data(1, size), "the replicas differ");
+
+    // The Primary detaches: it serves reads and writes through its peer.
+    p.adm_ok(0, &["detach", "r0"]);
+    p.wait_until("Diskless primary", Duration::from_secs(10), |p| {
+        p.dstate(0) == "Diskless/UpToDate"
+    });
+    c.write(100 * 4096, &stamped_block(100, 2))
+        .expect("write through the peer");
+    assert_eq!(
+        c.read(100 * 4096, 4096).expect("read through the peer"),
+        stamped_block(100, 2)
+    );
+    assert_eq!(read_block(&p, 1, 100), stamped_block(100, 2));
+    // A Primary cannot detach from its only good data: the peer goes away first.
+    p.adm_ok(0, &["attach", "r0"]);
+    p.wait_in_sync(Duration::from_secs(30));
+    assert!(p.data(0, size) == p.data(1, size), "the replicas differ");
+    p.adm_ok(1, &["disconnect", "r0"]);
+    let r = p.adm(0, &["detach", "r0"]);
+    assert_eq!(r.code, 17, "{}{}", r.stdout, r.stderr);
+}
+
+fn read_block(p: &Pair, node: usize, block: u64) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(&p.nodes[node].disk).unwrap();
+    let mut b = vec![0u8; 4096];
+    f.read_exact_at(&mut b, block * 4096).unwrap();
+    b
+}

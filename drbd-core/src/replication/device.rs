@@ -239,7 +239,8 @@ pub enum MetaOp {
 pub enum Action {
     /// Perform a disk operation; report with [`Device::disk_done`].
     Disk { io: IoId, op: DiskOp },
-    /// Persist metadata; report with [`Device::disk_done`].
+    /// Persist metadata; report with [`Device::disk_done`]. At most one is outstanding at a
+    /// time: the next comes after the completion of the previous.
     Meta { io: IoId, op: MetaOp },
     /// Send a message on the current connection.
     Send(PeerMsg),
@@ -364,10 +365,24 @@ struct PeerRead {
 enum IoPurpose {
     AppLocal(ReqId),
     AlFor(ReqId),
+    /// The flush before an AL transaction that evicts extents.
+    AlFlushFor(ReqId, AlWrite),
     PeerWrite(PeerWrite),
     PeerRead(PeerRead),
     BarrierFlush {
         epoch: u64,
+        conn_gen: u64,
+    },
+    /// The superblock holding a new bitmap UUID, to send in `P_SYNC_UUID` once written.
+    SyncUuid {
+        uuid: u64,
+        conn_gen: u64,
+    },
+    /// The flush of the backing device when it is attached.
+    AttachFlush,
+    /// A flush making resync writes durable before they are acknowledged.
+    ResyncFlush {
+        ranges: Vec<(u64, u64)>,
         conn_gen: u64,
     },
     Meta,
@@ -445,6 +460,9 @@ pub struct Device {
     features: u32,
     resolve_conflicts: bool,
     peer_uuids: Option<UuidInfo>,
+    /// A disk attached while connected: the state its metadata gives, until the handshake
+    /// (the local disk is `Negotiating` meanwhile, as in DRBD).
+    negotiating: Option<DiskState>,
     peer_user_isp: bool,
     discard_my_data: bool,
     packet_seq: u32,
@@ -469,10 +487,21 @@ pub struct Device {
     peer_waiting: VecDeque<PeerWrite>,
     rs_reads_waiting: VecDeque<PeerRead>,
     peer_reads_in_flight: HashMap<IoId, (u64, u64)>,
+    /// SyncTarget: resync writes done but not yet flushed (sector, sectors).
+    rs_unflushed: Vec<(u64, u64)>,
+    /// SyncTarget: a [`IoPurpose::ResyncFlush`] is in flight.
+    rs_flushing: bool,
+    /// The [`IoPurpose::AttachFlush`] is in flight.
+    attach_flushing: bool,
+    /// A resync as SyncSource waiting for the attach flush: (sync UUID, connection).
+    sync_uuid_deferred: Option<(u64, u64)>,
 
     // I/O.
     next_io: IoId,
     ios: HashMap<IoId, IoPurpose>,
+    /// Metadata writes waiting for the one in flight: they go out one at a time, in order.
+    meta_queue: VecDeque<(IoId, MetaOp)>,
+    meta_busy: bool,
 
     resync: Option<ResyncState>,
     actions: VecDeque<Action>,
@@ -561,6 +590,7 @@ impl Device {
             features: 0,
             resolve_conflicts: false,
             peer_uuids: None,
+            negotiating: None,
             peer_user_isp: false,
             discard_my_data: false,
             packet_seq: 0,
@@ -578,8 +608,14 @@ impl Device {
             peer_waiting: VecDeque::new(),
             rs_reads_waiting: VecDeque::new(),
             peer_reads_in_flight: HashMap::new(),
+            rs_unflushed: Vec::new(),
+            rs_flushing: false,
+            attach_flushing: false,
+            sync_uuid_deferred: None,
             next_io: 1,
             ios: HashMap::new(),
+            meta_queue: VecDeque::new(),
+            meta_busy: false,
             resync: None,
             actions: VecDeque::new(),
             written: 0,
@@ -588,6 +624,21 @@ impl Device {
             received: 0,
         };
         if dev.disk != DiskState::Diskless {
+            // Writes from before a crash of this process may still sit in the disk's volatile
+            // cache while the new activity log no longer covers them: once a resync declared
+            // them in sync, a power loss would silently revert them (simulation seed 322).
+            // Flush them first; a SyncSource resync waits for it (`sync_uuid_persisted`).
+            dev.attach_flushing = true;
+            let io = dev.io(IoPurpose::AttachFlush);
+            dev.actions.push_back(Action::Disk {
+                io,
+                op: DiskOp::Flush,
+            });
+            // The bits of replayed activity-log extents must reach the on-disk bitmap before
+            // any new AL transaction (metadata writes go out in order): the new transactions
+            // describe only the new active set, so a second crash would otherwise forget
+            // that those extents may differ from the peer (simulation seed 101).
+            dev.persist_bitmap();
             // Record the crashed-primary flag and that the node is no longer Primary.
             dev.persist_superblock(false);
         }
@@ -719,7 +770,8 @@ impl Device {
         if self.md_flags & MDF_CRASHED_PRIMARY != 0 {
             flags |= UuidFlags::CRASHED_PRIMARY.0;
         }
-        if self.disk <= DiskState::Inconsistent {
+        // While negotiating after an attach, the flag describes the attached data.
+        if self.negotiating.unwrap_or(self.disk) <= DiskState::Inconsistent {
             flags |= UuidFlags::INCONSISTENT.0;
         }
         UuidInfo::new(self.uuids, self.bitmap.count(), UuidFlags(flags))
@@ -875,13 +927,11 @@ impl Device {
         } else {
             self.io(IoPurpose::Meta)
         };
-        self.actions.push_back(Action::Meta {
-            io: id,
-            op: MetaOp::Superblock {
-                uuids: self.uuids,
-                flags: self.md_flags,
-            },
-        });
+        let op = MetaOp::Superblock {
+            uuids: self.uuids,
+            flags: self.md_flags,
+        };
+        self.push_meta(id, op);
     }
 
     /// Writes the bitmap pages changed since the last write.
@@ -898,10 +948,29 @@ impl Device {
             .filter_map(|p| self.bitmap.page_bytes(p).map(|b| (p, b)))
             .collect();
         let id = self.io(IoPurpose::Meta);
-        self.actions.push_back(Action::Meta {
-            io: id,
-            op: MetaOp::BitmapPages { pages },
-        });
+        self.push_meta(id, MetaOp::BitmapPages { pages });
+    }
+
+    /// Hands a metadata write to the runtime, or queues it while another is in flight.
+    /// Metadata writes go out one at a time: the runtime may complete concurrent writes in
+    /// any order, and an older superblock (or bitmap page) landing after a newer one would
+    /// leave stale metadata on disk (simulation seed 137: the superblock `Device::new`
+    /// writes landed after the promotion's, so a crash forgot the new data generation).
+    fn push_meta(&mut self, io: IoId, op: MetaOp) {
+        if self.meta_busy {
+            self.meta_queue.push_back((io, op));
+        } else {
+            self.meta_busy = true;
+            self.actions.push_back(Action::Meta { io, op });
+        }
+    }
+
+    /// The metadata write in flight completed: the next one goes out.
+    fn next_meta(&mut self) {
+        match self.meta_queue.pop_front() {
+            Some((io, op)) => self.actions.push_back(Action::Meta { io, op }),
+            None => self.meta_busy = false,
+        }
     }
 
     fn mark_out_of_sync(&mut self, sector: u64, sectors: u64) {
@@ -1009,18 +1078,23 @@ impl Device {
     }
 
     fn retry_waiting(&mut self) {
+        // Work on a copy: `start` puts a write the activity log cannot admit yet back into
+        // `waiting`, and popping it from there again looped forever (simulation seed 186).
+        let mut queue = std::mem::take(&mut self.waiting);
         let mut still = VecDeque::new();
-        while let Some(id) = self.waiting.pop_front() {
+        while let Some(id) = queue.pop_front() {
             if !self.reqs.contains_key(&id) {
                 continue;
             }
             // Keep order among writes: once one waits, the ones behind it wait too.
             if still.is_empty() && self.may_start(id) {
                 self.start(id);
+                still.append(&mut self.waiting);
             } else {
                 still.push_back(id);
             }
         }
+        still.append(&mut self.waiting);
         self.waiting = still;
     }
 
@@ -1056,23 +1130,22 @@ impl Device {
                 Ok(AlDecision::Transaction(w)) => {
                     let r = self.reqs.get_mut(&id).expect("exists");
                     r.al_held = true;
-                    // Bits of evicted extents must be on disk before the transaction that
-                    // forgets them: after a crash only active extents are resynced.
-                    let pages = w
-                        .bitmap_pages
-                        .iter()
-                        .filter(|&&p| self.bitmap.page_is_dirty(p))
-                        .filter_map(|&p| self.bitmap.page_bytes(p).map(|b| (p, b)))
-                        .collect::<Vec<_>>();
-                    for (p, _) in &pages {
-                        self.bitmap.mark_page_clean(*p);
+                    if !w.evicted.is_empty() && self.cfg.disk_flushes {
+                        // The writes to evicted extents must be durable before the
+                        // transaction that forgets them: after a power loss only active
+                        // extents are resynced, and a write still in the volatile cache
+                        // would be lost silently (simulation seed 117 with SIM_LARGE=1).
+                        // DRBD's AL writes flush the (internal meta data) device; the
+                        // runtime writes metadata with FUA only.
+                        let io = self.io(IoPurpose::AlFlushFor(id, w));
+                        self.reqs.get_mut(&id).expect("exists").al_io = Some(io);
+                        self.actions.push_back(Action::Disk {
+                            io,
+                            op: DiskOp::Flush,
+                        });
+                    } else {
+                        self.write_al_transaction(id, w);
                     }
-                    let io = self.io(IoPurpose::AlFor(id));
-                    self.reqs.get_mut(&id).expect("exists").al_io = Some(io);
-                    self.actions.push_back(Action::Meta {
-                        io,
-                        op: MetaOp::AlTransaction { pages, al: w },
-                    });
                     return;
                 }
                 Err(BeginIoError::Busy) => {
@@ -1086,6 +1159,24 @@ impl Device {
             }
         }
         self.issue_write(id);
+    }
+
+    /// Writes the activity-log transaction a write waits for.
+    fn write_al_transaction(&mut self, id: ReqId, w: AlWrite) {
+        // Bits of evicted extents must be on disk before the transaction that forgets them:
+        // after a crash only active extents are resynced.
+        let pages = w
+            .bitmap_pages
+            .iter()
+            .filter(|&&p| self.bitmap.page_is_dirty(p))
+            .filter_map(|&p| self.bitmap.page_bytes(p).map(|b| (p, b)))
+            .collect::<Vec<_>>();
+        for (p, _) in &pages {
+            self.bitmap.mark_page_clean(*p);
+        }
+        let io = self.io(IoPurpose::AlFor(id));
+        self.reqs.get_mut(&id).expect("exists").al_io = Some(io);
+        self.push_meta(io, MetaOp::AlTransaction { pages, al: w });
     }
 
     fn finish_early(&mut self, id: ReqId, e: IoError) {
@@ -1195,6 +1286,13 @@ impl Device {
         } else {
             // The peer does not get this write: it is out of sync.
             self.mark_out_of_sync(sector, sectors);
+            if self.connected && self.conn == ConnState::WfBitMapS {
+                // The bitmap already went to the peer: tell it (DRBD's
+                // `drbd_should_send_out_of_sync`). A write whose AL transaction completed
+                // during the bitmap exchange was otherwise never resynced (simulation seed
+                // 174 with SIM_LARGE=1).
+                self.send(PeerMsg::OutOfSync { sector, size: len });
+            }
         }
         if has_disk {
             self.reqs.get_mut(&id).expect("exists").local_pending = true;
@@ -1280,6 +1378,17 @@ impl Device {
             if is_write {
                 // Later writes may depend on this one: they go into a new epoch.
                 self.close_epoch = true;
+                // When no other write is still on its way, no later write may come to close
+                // the epoch: close it now (DRBD's sender sends the barrier when it runs out
+                // of work), or the peer never acknowledges (and flushes) it and its writes
+                // stay in the transfer log for good (simulation seed 0).
+                let writes_pending = self
+                    .reqs
+                    .values()
+                    .any(|r| r.kind.is_write() && !r.completed);
+                if self.connected && !writes_pending {
+                    self.close_current_epoch();
+                }
             }
         }
         self.maybe_destroy(id);
@@ -1318,6 +1427,15 @@ impl Device {
             debug_assert!(false, "completion of unknown io {io}");
             return;
         };
+        if matches!(
+            purpose,
+            IoPurpose::Meta
+                | IoPurpose::MetaGate
+                | IoPurpose::AlFor(_)
+                | IoPurpose::SyncUuid { .. }
+        ) {
+            self.next_meta();
+        }
         match purpose {
             IoPurpose::AppLocal(id) => self.app_local_done(id, result),
             IoPurpose::MetaGate => {
@@ -1347,6 +1465,34 @@ impl Device {
                         e.flushed = true;
                     }
                     self.finish_recv_epochs();
+                }
+            }
+            IoPurpose::AlFlushFor(id, w) => {
+                if result.is_err() {
+                    self.log("flush before an activity log transaction failed".to_string());
+                }
+                self.write_al_transaction(id, w);
+            }
+            IoPurpose::AttachFlush => {
+                if result.is_err() {
+                    self.log("flush of the backing device failed".to_string());
+                }
+                self.attach_flushing = false;
+                if let Some((u, conn_gen)) = self.sync_uuid_deferred.take() {
+                    self.sync_uuid_persisted(u, conn_gen);
+                }
+            }
+            IoPurpose::SyncUuid { uuid, conn_gen } => {
+                if result.is_err() {
+                    self.log("metadata write failed".to_string());
+                }
+                self.sync_uuid_persisted(uuid, conn_gen);
+            }
+            IoPurpose::ResyncFlush { ranges, conn_gen } => {
+                self.rs_flushing = false;
+                if conn_gen == self.conn_gen && self.connected {
+                    self.resync_writes_done(&ranges, result.is_ok());
+                    self.flush_resync_writes();
                 }
             }
             IoPurpose::Meta => {
@@ -1427,7 +1573,15 @@ impl Device {
             flushed: false,
         });
         self.conn = ConnState::WfReportParams;
-        if sent.uuids != self.uuid_info() || sent.state.role != self.role {
+        // Only the data generation and the role matter: the bitmap weight sent in P_UUIDS is
+        // informational, and writes during the handshake go into the bitmap that is
+        // exchanged next (comparing it dropped handshakes under a steady write load).
+        let now_info = self.uuid_info();
+        if sent.uuids.uuids != now_info.uuids
+            || sent.uuids.flags != now_info.flags
+            || sent.state.role != self.role
+            || sent.state.disk != self.disk
+        {
             self.lose_connection("local state changed during the handshake", true);
             return;
         }
@@ -1463,7 +1617,10 @@ impl Device {
     /// generation changed while connected).
     fn sync_handshake(&mut self, _peer_discard: bool) {
         let Some(peer) = self.peer_uuids else { return };
-        if !self.has_disk() || self.peer_disk < DiskState::Inconsistent {
+        let local_data = self.has_disk() || self.negotiating.is_some();
+        let peer_data =
+            self.peer_disk >= DiskState::Inconsistent || self.peer_disk == DiskState::Negotiating;
+        if !local_data || !peer_data {
             // Nothing to compare: a diskless side just follows.
             self.set_conn(ConnState::Connected);
             self.send_state();
@@ -1480,13 +1637,17 @@ impl Device {
                 resolve_conflicts: self.resolve_conflicts,
             },
             local_disk: self.disk,
-            pending_disk: None,
+            pending_disk: self.negotiating,
             peer_disk: self.peer_disk,
             policy: self.cfg.split_brain,
             can_demote: false,
             dry_run: false,
         };
         let d = uuid::decide(&input);
+        if let Some(attached) = self.negotiating.take() {
+            // The attached disk is in use from here on, in the state its metadata says.
+            self.set_disk(attached);
+        }
         if let Some(c) = d.comparison.correction.and_then(|c| c.local()) {
             self.uuids = c;
         }
@@ -1590,6 +1751,13 @@ impl Device {
 
     fn teardown(&mut self) {
         self.connected = false;
+        if self.negotiating.take().is_some() {
+            // The attached disk was never compared with the peer's: its data may be stale,
+            // and using it now could serve stale reads. Back to Diskless; attach again.
+            self.log("attach abandoned: connection lost before the attached disk was compared with the peer's".to_string());
+            self.set_disk(DiskState::Diskless);
+            self.al = None;
+        }
         let was_sync_target = matches!(
             self.conn,
             ConnState::SyncTarget | ConnState::PausedSyncT | ConnState::WfSyncUuid
@@ -1611,12 +1779,14 @@ impl Device {
             }
         }
         // Requests still waiting for the peer (reads, flushes).
-        let ids: Vec<ReqId> = self
+        let mut ids: Vec<ReqId> = self
             .reqs
             .iter()
             .filter(|(_, r)| r.net_pending)
             .map(|(id, _)| *id)
             .collect();
+        // In id order, not the hash map's random order: runs must replay exactly.
+        ids.sort_unstable();
         for id in ids {
             let r = self.reqs.get_mut(&id).expect("exists");
             r.net_pending = false;
@@ -1630,8 +1800,9 @@ impl Device {
         self.close_epoch = false;
         self.recv_epochs.clear();
         self.rs_reads_waiting.clear();
+        // Unflushed resync writes were not acknowledged: their bits stay set.
+        self.rs_unflushed.clear();
         self.resync = None;
-        let peer_role = self.peer_role;
         self.peer_role = Role::Unknown;
         let lost_peer_data = self.peer_disk >= DiskState::Inconsistent;
         self.set_peer_disk(DiskState::DUnknown);
@@ -1641,9 +1812,12 @@ impl Device {
         }
         if lost_peer_data {
             let random = self.random();
-            let a = self
-                .uuids
-                .on_peer_data_lost(random, self.role, peer_role, self.disk, false);
+            // The roles after the change: the peer's is Unknown now. Passing its role from
+            // before made a Secondary that lost its Primary draw a new current UUID too, so
+            // that the next handshake saw a split brain (simulation seed 416).
+            let a =
+                self.uuids
+                    .on_peer_data_lost(random, self.role, Role::Unknown, self.disk, false);
             if a == uuid::PeerLossAction::NewCurrentUuid {
                 self.log(format!("new current UUID {:016X}", self.uuids.current));
             }
@@ -1672,7 +1846,7 @@ impl Device {
     }
 
     fn check_range(&self, sector: u64, size: u32, what: &str) -> Result<(), ProtocolError> {
-        let ok = size % 512 == 0
+        let ok = size.is_multiple_of(512)
             && size <= MAX_REQUEST_BYTES
             && sector
                 .checked_add(sectors_of(size))
@@ -1935,7 +2109,24 @@ impl Device {
                     self.set_conn(ConnState::WfBitMapT);
                     return Ok(());
                 }
+                let lost =
+                    self.peer_disk >= DiskState::Inconsistent && s.disk < DiskState::Inconsistent;
+                let peer_attached =
+                    s.disk == DiskState::Negotiating && self.peer_disk != DiskState::Negotiating;
                 self.set_peer_disk(s.disk);
+                if peer_attached {
+                    // The peer attached a disk: compare its data with ours (its P_UUIDS came
+                    // just before this state).
+                    self.sync_handshake(false);
+                    return Ok(());
+                }
+                if lost {
+                    // The peer detached while connected: its copy no longer follows. As on a
+                    // connection loss, a node with the data (while someone is Primary) starts
+                    // a new data generation, so that the peer's re-attach resyncs from the
+                    // bitmap instead of finding equal UUIDs.
+                    self.peer_data_lost_while_connected();
+                }
                 self.send_state();
             }
             ConnState::SyncSource | ConnState::PausedSyncS => {
@@ -1971,22 +2162,47 @@ impl Device {
             ConnState::WfBitMapS => {
                 let random = self.random();
                 let u = self.uuids.start_sync_source(random);
-                self.persist_superblock(false);
+                // The new bitmap UUID must be durable before the target adopts it, as DRBD
+                // writes the metadata before sending P_SYNC_UUID: a source that crashed with
+                // the write still in flight and a target holding the new UUID share no UUID
+                // any more ("unrelated data", simulation seed 365). The resync starts when
+                // the superblock is written (`sync_uuid_persisted`).
+                self.md_flags = self.compute_flags();
+                let io = self.io(IoPurpose::SyncUuid {
+                    uuid: u,
+                    conn_gen: self.conn_gen,
+                });
+                let op = MetaOp::Superblock {
+                    uuids: self.uuids,
+                    flags: self.md_flags,
+                };
+                self.push_meta(io, op);
                 self.persist_bitmap();
-                self.send(PeerMsg::SyncUuid(u));
-                self.set_conn(ConnState::SyncSource);
-                self.set_peer_disk(DiskState::Inconsistent);
-                let total = self.bitmap.count();
-                let mut rs = ResyncState::new(total);
-                rs.marks.push_back((self.now, total));
-                self.resync = Some(rs);
-                self.log(format!("resync started as SyncSource: {} KiB", total * 4));
-                self.send_state();
-                self.retry_waiting();
                 Ok(())
             }
             c => Err(ProtocolError(format!("bitmap received in state {c}"))),
         }
+    }
+
+    /// The superblock with the new bitmap UUID is on disk: send it and start the resync.
+    fn sync_uuid_persisted(&mut self, u: u64, conn_gen: u64) {
+        if conn_gen != self.conn_gen || !self.connected || self.conn != ConnState::WfBitMapS {
+            return;
+        }
+        if self.attach_flushing {
+            self.sync_uuid_deferred = Some((u, conn_gen));
+            return;
+        }
+        self.send(PeerMsg::SyncUuid(u));
+        self.set_conn(ConnState::SyncSource);
+        self.set_peer_disk(DiskState::Inconsistent);
+        let total = self.bitmap.count();
+        let mut rs = ResyncState::new(total);
+        rs.marks.push_back((self.now, total));
+        self.resync = Some(rs);
+        self.log(format!("resync started as SyncSource: {} KiB", total * 4));
+        self.send_state();
+        self.retry_waiting();
     }
 
     fn write_acked(&mut self, a: Ack, ok: bool) -> Result<(), ProtocolError> {
@@ -2040,12 +2256,14 @@ impl Device {
             self.maybe_complete(id);
         }
         // Flushes waiting for this barrier.
-        let flushes: Vec<ReqId> = self
+        let mut flushes: Vec<ReqId> = self
             .reqs
             .iter()
             .filter(|(_, r)| r.flush_barrier.is_some_and(|b| b == nr))
             .map(|(id, _)| *id)
             .collect();
+        // In id order, not the hash map's random order: runs must replay exactly.
+        flushes.sort_unstable();
         for id in flushes {
             let r = self.reqs.get_mut(&id).expect("exists");
             r.flush_barrier = None;
@@ -2079,6 +2297,11 @@ impl Device {
             e.pending += 1;
             Some(e.id)
         };
+        if !resync && self.peer_disk < DiskState::Inconsistent && self.has_disk() {
+            // The sender has no disk (or is still negotiating one): this node holds the only
+            // copy, and the sender's disk must get it when it attaches.
+            self.mark_out_of_sync(sector, sectors);
+        }
         if !self.has_disk() {
             // Nothing to write to: the peer marks the block out of sync.
             if flags & (dp::SEND_WRITE_ACK | dp::SEND_RECEIVE_ACK) != 0 || resync {
@@ -2148,28 +2371,16 @@ impl Device {
         }
         let current = w.conn_gen == self.conn_gen && self.connected;
         if w.resync {
-            if ok {
-                self.mark_in_sync(w.sector, w.sectors);
-            }
-            if current {
-                let ack = Ack {
-                    sector: w.sector,
-                    block_id: ID_SYNCER,
-                    size: (w.sectors * 512) as u32,
-                    seq: 0,
-                };
-                self.send(if ok {
-                    PeerMsg::RsWriteAck(ack)
-                } else {
-                    PeerMsg::NegAck(ack)
-                });
-                if !ok {
-                    if let Some(rs) = self.resync.as_mut() {
-                        rs.failed += w.sectors.div_ceil(SECTORS_PER_BIT);
-                    }
-                }
-                self.note_resync_progress();
-                self.maybe_finish_target();
+            // A resync write is acknowledged, and its bits cleared, only once it is durable:
+            // on P_RS_WRITE_ACK the source clears its bits, and the target's bitmap on disk
+            // need not hold them, so a write lost from the volatile cache in a power loss
+            // would never be resynced (simulation seed 465). A write completing after the
+            // connection was lost keeps its bits (a later resync repeats it).
+            if current && ok && self.cfg.disk_flushes {
+                self.rs_unflushed.push((w.sector, w.sectors));
+                self.flush_resync_writes();
+            } else if current {
+                self.resync_writes_done(&[(w.sector, w.sectors)], ok);
             }
         } else {
             if !ok {
@@ -2218,6 +2429,49 @@ impl Device {
         self.peer_waiting = still;
     }
 
+    /// Flushes the resync writes done so far, unless a flush is already in flight (the
+    /// writes done meanwhile wait for the next one).
+    fn flush_resync_writes(&mut self) {
+        if self.rs_flushing || self.rs_unflushed.is_empty() {
+            return;
+        }
+        self.rs_flushing = true;
+        let ranges = std::mem::take(&mut self.rs_unflushed);
+        let io = self.io(IoPurpose::ResyncFlush {
+            ranges,
+            conn_gen: self.conn_gen,
+        });
+        self.actions.push_back(Action::Disk {
+            io,
+            op: DiskOp::Flush,
+        });
+    }
+
+    /// Resync writes on the current connection are durable (`ok`) or failed: clear their
+    /// bits and acknowledge them, or report them failed.
+    fn resync_writes_done(&mut self, ranges: &[(u64, u64)], ok: bool) {
+        for &(sector, sectors) in ranges {
+            if ok {
+                self.mark_in_sync(sector, sectors);
+            } else if let Some(rs) = self.resync.as_mut() {
+                rs.failed += sectors.div_ceil(SECTORS_PER_BIT);
+            }
+            let ack = Ack {
+                sector,
+                block_id: ID_SYNCER,
+                size: (sectors * 512) as u32,
+                seq: 0,
+            };
+            self.send(if ok {
+                PeerMsg::RsWriteAck(ack)
+            } else {
+                PeerMsg::NegAck(ack)
+            });
+        }
+        self.note_resync_progress();
+        self.maybe_finish_target();
+    }
+
     /// Acknowledges finished receive epochs in order (flushing first when configured).
     fn finish_recv_epochs(&mut self) {
         while let Some(e) = self.recv_epochs.front() {
@@ -2252,11 +2506,8 @@ impl Device {
             resync,
             conn_gen: self.conn_gen,
         };
-        let good = if resync {
-            self.disk == DiskState::UpToDate
-        } else {
-            self.disk == DiskState::UpToDate
-        };
+        // Application and resync reads alike need UpToDate data.
+        let good = self.disk == DiskState::UpToDate;
         if !good {
             let ack = Ack {
                 sector: q.sector,
@@ -2394,6 +2645,12 @@ impl Device {
             return;
         }
         if peer_up_to_date {
+            // The target wrote every block it was missing. Its P_STATE (data socket) can
+            // overtake the last P_RS_WRITE_ACKs (meta socket): bits those acks would clear are
+            // cleared here, or they would stay set on disk and be resynced after a crash for
+            // nothing.
+            let bits = self.bitmap.bits();
+            self.bitmap.clear_bits(0..bits);
             self.uuids.finish_sync_source();
             self.set_peer_disk(DiskState::UpToDate);
             self.md_flags &= !MDF_CRASHED_PRIMARY;
@@ -2414,8 +2671,10 @@ impl Device {
         let Some(rs) = self.resync.as_ref() else {
             return;
         };
-        let pending_writes =
-            !self.peer_writes_in_flight.is_empty() || !self.peer_waiting.is_empty();
+        let pending_writes = !self.peer_writes_in_flight.is_empty()
+            || !self.peer_waiting.is_empty()
+            || !self.rs_unflushed.is_empty()
+            || self.rs_flushing;
         if !rs.in_flight.is_empty() || pending_writes {
             return;
         }
@@ -2476,7 +2735,10 @@ impl Device {
         rs.plan.push_back(0);
         let max = (f64::from(cfg.c_max_rate) * 2.0 * step_secs) as i64;
         let req = (sect_in + curr).clamp(0, max);
-        rs.ctrl_in_flight += req;
+        // `ctrl_in_flight` grows by what is actually requested (see `tick`), as DRBD's
+        // `rs_in_flight` does: counting the whole budget, of which the cap on requests in
+        // flight may leave most unused, made the controller believe forever that sectors
+        // were in flight and stop requesting (simulation seed 0).
         req as u64
     }
 
@@ -2505,19 +2767,24 @@ impl Device {
             return;
         }
         let budget = self.controller();
-        self.request_resync_blocks(budget);
+        let requested = self.request_resync_blocks(budget);
+        if let Some(rs) = self.resync.as_mut() {
+            rs.ctrl_in_flight += requested as i64;
+        }
         self.note_resync_progress();
         self.maybe_finish_target();
     }
 
-    fn request_resync_blocks(&mut self, mut budget: u64) {
+    /// Sends resync requests for up to `budget` sectors; returns the sectors requested.
+    fn request_resync_blocks(&mut self, mut budget: u64) -> u64 {
         // At most half of max-buffers in flight, as DRBD caps its resync requests.
         let cap = u64::from(self.cfg.max_buffers).max(2) / 2 * SECTORS_PER_BIT;
         let bits = self.bitmap.bits();
         let max_bits = u64::from(RS_MAX_REQUEST_BYTES) / 512 / SECTORS_PER_BIT;
+        let mut requested = 0;
         loop {
             let Some(rs) = self.resync.as_ref() else {
-                return;
+                return requested;
             };
             if budget == 0 || rs.in_flight_sectors >= cap {
                 break;
@@ -2550,12 +2817,14 @@ impl Device {
             rs.in_flight.insert(sector, sectors);
             rs.in_flight_sectors += sectors;
             budget = budget.saturating_sub(sectors);
+            requested += sectors;
             self.send(PeerMsg::RsDataRequest(BlockReq {
                 sector,
                 block_id: ID_SYNCER,
                 size: (sectors * 512) as u32,
             }));
         }
+        requested
     }
 
     // --------------------------------------------------------------------------------------
@@ -2795,5 +3064,122 @@ impl Device {
     /// Volume number.
     pub fn volume(&self) -> u16 {
         self.volume
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Attaching and detaching the backing device at run time
+// ------------------------------------------------------------------------------------------
+
+impl Device {
+    /// Whether any operation on the backing device's data area is in flight (application or
+    /// peer I/O). The runtime waits for this to clear before [`Device::detach`].
+    pub fn local_io_in_flight(&self) -> bool {
+        self.ios
+            .values()
+            .any(|p| !matches!(p, IoPurpose::Meta | IoPurpose::MetaGate))
+            || self
+                .reqs
+                .values()
+                .any(|r| r.local_pending || r.al_io.is_some())
+    }
+
+    /// `detach`: the node goes Diskless. A Primary keeps serving through its peer, which must
+    /// be UpToDate (else the request is refused, as DRBD refuses to leave a Primary without
+    /// good data). Call only when [`Device::local_io_in_flight`] is false. The bitmap and the
+    /// superblock are written first; the runtime may close the backing device afterwards.
+    pub fn detach(&mut self, now: Duration) -> Result<(), AdminError> {
+        self.now = now;
+        if !self.has_disk() {
+            return Ok(());
+        }
+        if self.local_io_in_flight() {
+            return Err(AdminError::State(StateRefusal::ConcurrentChange));
+        }
+        let peer_good = self.connected && self.peer_disk == DiskState::UpToDate;
+        if self.role == Role::Primary && !peer_good {
+            return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+        }
+        let resyncing = self.in_sync_state() || self.transitional();
+        self.persist_bitmap();
+        self.persist_superblock(false);
+        self.set_disk(DiskState::Diskless);
+        self.al = None;
+        if resyncing {
+            // A resync needs both disks: start over with a fresh handshake.
+            self.lose_connection("detached during a resync", true);
+        } else {
+            self.send_state();
+        }
+        Ok(())
+    }
+
+    /// `attach` of a backing device at run time. When connected, the connection is dropped
+    /// and made again, so that the handshake compares the attached data with the peer's.
+    pub fn attach(&mut self, now: Duration, disk: LocalDisk) -> Result<(), AdminError> {
+        self.now = now;
+        if self.has_disk() {
+            return Err(AdminError::Other {
+                exit_code: 10,
+                message: "Failure: (124) Device is attached to a disk (use detach first)".into(),
+            });
+        }
+        if disk.sectors != self.sectors || disk.bitmap.device_sectors() != self.sectors {
+            return Err(AdminError::Other {
+                exit_code: 10,
+                message: format!(
+                    "Failure: (111) Low.dev. smaller than requested DRBD-dev. size: {} sectors, the device has {}",
+                    disk.sectors, self.sectors
+                ),
+            });
+        }
+        let mut flags = disk.flags;
+        if flags & MDF_PRIMARY_IND != 0 {
+            flags |= MDF_CRASHED_PRIMARY;
+        }
+        let state = if flags & MDF_CONSISTENT == 0 {
+            DiskState::Inconsistent
+        } else if flags & MDF_WAS_UP_TO_DATE == 0 {
+            DiskState::Outdated
+        } else {
+            DiskState::UpToDate
+        };
+        self.uuids = disk.uuids;
+        if self.role == Role::Primary {
+            self.uuids.current |= 1;
+        }
+        self.md_flags = flags;
+        self.bitmap = disk.bitmap;
+        self.al = Some(disk.al);
+        if self.connected && self.conn == ConnState::Connected {
+            // As DRBD: the disk is Negotiating while both nodes compare its data with the
+            // peer's; writes meanwhile go to the peer only, which marks them out of sync.
+            self.negotiating = Some(state);
+            self.set_disk(DiskState::Negotiating);
+            let info = self.uuid_info();
+            self.send(PeerMsg::Uuids(info));
+            self.send_state();
+            self.sync_handshake(false);
+        } else {
+            self.set_disk(state);
+            self.persist_superblock(false);
+            if self.connected {
+                self.lose_connection("attached a disk during a state change", true);
+            }
+        }
+        Ok(())
+    }
+
+    fn peer_data_lost_while_connected(&mut self) {
+        let random = self.random();
+        let a = self
+            .uuids
+            .on_peer_data_lost(random, self.role, self.peer_role, self.disk, false);
+        if a == uuid::PeerLossAction::NewCurrentUuid {
+            self.log(format!("new current UUID {:016X}", self.uuids.current));
+            self.persist_superblock(true);
+            let info = self.uuid_info();
+            self.send(PeerMsg::Uuids(info));
+        }
     }
 }
