@@ -242,7 +242,7 @@ impl Replica {
             attached.bitmap.count() * 4
         );
         let sb = attached.sb;
-        let layout = attached.layout.clone();
+        let layout = attached.layout;
         let sectors = attached.sectors;
         let local = local_disk(attached);
         let mut dcfg = cfg.device.clone();
