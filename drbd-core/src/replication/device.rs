@@ -411,6 +411,16 @@ struct ResyncState {
     ctrl_in_flight: i64,
     // Rate: (time, remaining bits) samples.
     marks: VecDeque<(Duration, u64)>,
+    /// Sectors of this step's budget not requested yet (the in-flight cap was reached); taken
+    /// as replies make room, so the rate is reached even when the cap is small.
+    step_left: u64,
+    /// Sectors of application writes received from the peer since the last step (c-min-rate).
+    app_sectors: u64,
+    /// Resync sectors received in the last step (c-min-rate).
+    last_step_sectors: u64,
+    /// Average resync sectors per step, decaying by a quarter per step (c-min-rate compares
+    /// it, so that one paused step does not make the resync look slow).
+    avg_step_sectors: u64,
 }
 
 impl ResyncState {
@@ -429,6 +439,10 @@ impl ResyncState {
             plan_total: 0,
             ctrl_in_flight: 0,
             marks: VecDeque::new(),
+            step_left: 0,
+            app_sectors: 0,
+            last_step_sectors: 0,
+            avg_step_sectors: 0,
         }
     }
 }
@@ -2006,6 +2020,7 @@ impl Device {
                 };
                 rs.in_flight_sectors -= n;
                 rs.sect_in += n;
+                rs.last_step_sectors += n;
                 self.received += n;
                 self.receive_write(
                     sector,
@@ -2020,6 +2035,7 @@ impl Device {
                     },
                     true,
                 );
+                self.refill_resync();
                 Ok(())
             }
             PeerMsg::NegRsDReply(a) => {
@@ -2288,6 +2304,9 @@ impl Device {
         let sectors = sectors_of(size);
         if !resync {
             self.received += sectors;
+            if let Some(rs) = self.resync.as_mut() {
+                rs.app_sectors += sectors;
+            }
         }
         let epoch = if resync {
             None
@@ -2766,13 +2785,53 @@ impl Device {
         if !due {
             return;
         }
+        if let Some(rs) = self.resync.as_mut() {
+            rs.avg_step_sectors = (rs.avg_step_sectors * 3 + rs.last_step_sectors) / 4;
+        }
+        let throttle = self.throttle_resync();
         let budget = self.controller();
+        let budget = if throttle { 0 } else { budget };
         let requested = self.request_resync_blocks(budget);
         if let Some(rs) = self.resync.as_mut() {
             rs.ctrl_in_flight += requested as i64;
+            rs.step_left = budget.saturating_sub(requested);
+            rs.app_sectors = 0;
+            rs.last_step_sectors = 0;
         }
         self.note_resync_progress();
         self.maybe_finish_target();
+    }
+
+    /// c-min-rate (DRBD's `drbd_rs_should_slow_down`): while the application writes (more
+    /// than 64 sectors since the last step) and the resync runs faster than `c-min-rate`,
+    /// the resync pauses for this step so the application's writes get the disk.
+    fn throttle_resync(&self) -> bool {
+        let min = u64::from(self.cfg.resync.c_min_rate);
+        let Some(rs) = self.resync.as_ref() else {
+            return false;
+        };
+        if min == 0 || rs.app_sectors <= 64 {
+            return false;
+        }
+        // Sectors per step -> KiB/s.
+        let rate_kib = rs.avg_step_sectors / 2 * (1000 / RESYNC_STEP.as_millis() as u64);
+        rate_kib > min
+    }
+
+    /// Requests more of this step's budget after replies made room under the in-flight cap.
+    fn refill_resync(&mut self) {
+        if !matches!(self.conn, ConnState::SyncTarget) || !self.connected {
+            return;
+        }
+        let left = self.resync.as_ref().map_or(0, |r| r.step_left);
+        if left == 0 {
+            return;
+        }
+        let requested = self.request_resync_blocks(left);
+        if let Some(rs) = self.resync.as_mut() {
+            rs.ctrl_in_flight += requested as i64;
+            rs.step_left = left.saturating_sub(requested);
+        }
     }
 
     /// Sends resync requests for up to `budget` sectors; returns the sectors requested.
@@ -2799,7 +2858,11 @@ impl Device {
             let extent_end_bit = ((first * SECTORS_PER_BIT) / RS_EXTENT_SECTORS + 1)
                 * RS_EXTENT_SECTORS
                 / SECTORS_PER_BIT;
-            let limit = (first + max_bits).min(extent_end_bit).min(bits);
+            // Never more than the budget left (at least one block), so the rate holds.
+            let budget_bits = budget.div_ceil(SECTORS_PER_BIT).max(1);
+            let limit = (first + max_bits.min(budget_bits))
+                .min(extent_end_bit)
+                .min(bits);
             let end = self.bitmap.next_clear(first).min(limit);
             let sector = first * SECTORS_PER_BIT;
             let end_sector = (end * SECTORS_PER_BIT).min(self.sectors);
