@@ -28,8 +28,8 @@ use crate::wire::bitmap::{words_for, BitmapError, BitmapReceiver, BitmapSender};
 use crate::wire::limits::BITMAP_PACKET_MAX;
 use crate::wire::{
     self, Barrier, BarrierAck, BlockAck, BlockDesc, BlockId, BlockRequest, Command, ConnState,
-    DataPacket, DiskState, Frame, HeaderKind, Packet, Role, Sizes, State, SyncUuid, Trim, Uuids,
-    WireContext, WireError, FF_WZEROES,
+    DataPacket, DiskState, Frame, HeaderKind, Packet, ReqState, Role, Sizes, State, StateReply,
+    SyncUuid, Trim, Uuids, WireContext, WireError, FF_WZEROES,
 };
 
 /// Bitmap transfers only use RLE from this protocol version on (`P_COMPRESSED_BITMAP` came
@@ -353,6 +353,32 @@ fn push_frames(
         }),
         PeerMsg::Uuids(u) => Packet::Uuids(wire_uuids(u)),
         PeerMsg::SyncUuid(uuid) => Packet::SyncUuid(SyncUuid { uuid: *uuid }),
+        PeerMsg::StateChgReq {
+            mask,
+            val,
+            connection,
+        } => {
+            let r = ReqState {
+                mask: State::from_raw(*mask),
+                val: State::from_raw(*val),
+            };
+            if *connection {
+                Packet::ConnStChgReq(r)
+            } else {
+                Packet::StateChgReq(r)
+            }
+        }
+        PeerMsg::StateChgReply {
+            retcode,
+            connection,
+        } => {
+            let r = StateReply { retcode: *retcode };
+            if *connection {
+                Packet::ConnStChgReply(r)
+            } else {
+                Packet::StateChgReply(r)
+            }
+        }
         PeerMsg::State(s) => Packet::State(wire_state(s)),
         PeerMsg::Bitmap(words) => {
             return push_bitmap(words, ctx, volume, bitmap_bits, use_rle, out)
@@ -597,6 +623,15 @@ impl MsgDecoder {
             },
             Packet::Uuids(u) => PeerMsg::Uuids(uuid_info(&u)),
             Packet::SyncUuid(u) => PeerMsg::SyncUuid(u.uuid),
+            Packet::StateChgReq(r) | Packet::ConnStChgReq(r) => PeerMsg::StateChgReq {
+                mask: r.mask.raw,
+                val: r.val.raw,
+                connection: command == Command::ConnStChgReq,
+            },
+            Packet::StateChgReply(r) | Packet::ConnStChgReply(r) => PeerMsg::StateChgReply {
+                retcode: r.retcode,
+                connection: command == Command::ConnStChgReply,
+            },
             Packet::State(s) => PeerMsg::State(peer_state(s).ok_or_else(|| {
                 malformed(&format!(
                     "state word {:#010x} holds a role, connection or disk state 8.4 does not \

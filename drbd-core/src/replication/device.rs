@@ -2093,6 +2093,20 @@ impl Device {
                 Ok(())
             }
             PeerMsg::State(s) => self.peer_state(s),
+            PeerMsg::StateChgReq {
+                mask,
+                val,
+                connection,
+            } => {
+                let retcode = self.state_change_requested(mask, val, connection);
+                self.send(PeerMsg::StateChgReply {
+                    retcode,
+                    connection,
+                });
+                Ok(())
+            }
+            // This node changes its own state with plain P_STATE and never asks.
+            PeerMsg::StateChgReply { .. } => Ok(()),
             PeerMsg::Bitmap(words) => self.bitmap_received(&words),
         }
     }
@@ -2123,6 +2137,19 @@ impl Device {
                 if matches!(s.conn, ConnState::WfBitMapS | ConnState::StartingSyncS) {
                     // The peer invalidated us.
                     self.set_conn(ConnState::WfBitMapT);
+                    return Ok(());
+                }
+                // The peer was forced UpToDate and Primary while both were Inconsistent
+                // (8.4's CONSIDER_RESYNC): compare generations again, which starts the full
+                // sync from it.
+                let consider_resync = self.disk == DiskState::Inconsistent
+                    && self.peer_disk == DiskState::Inconsistent
+                    && old_role == Role::Secondary
+                    && s.role == Role::Primary
+                    && s.disk == DiskState::UpToDate;
+                if consider_resync {
+                    self.set_peer_disk(s.disk);
+                    self.sync_handshake(false);
                     return Ok(());
                 }
                 let lost =
@@ -3244,5 +3271,26 @@ impl Device {
             let info = self.uuid_info();
             self.send(PeerMsg::Uuids(info));
         }
+    }
+
+    /// The peer asks whether it may change the state (8.4 `receive_req_state`): a cluster-wide
+    /// change such as its promotion (`P_STATE_CHG_REQ`) or its disconnect
+    /// (`P_CONN_ST_CHG_REQ`). `mask`/`val` are in the peer's view: its `role` is our
+    /// `peer_role`. Returns the `drbd_state_rv` to answer: 1 to grant, -1 when the peer would
+    /// become a second Primary without `allow-two-primaries`. The change itself arrives
+    /// afterwards as `P_STATE`.
+    fn state_change_requested(&mut self, mask: u32, val: u32, connection: bool) -> i32 {
+        use crate::replication::msg::state_word::{get, selects, ROLE};
+        let peer_becomes_primary =
+            selects(mask, ROLE) && get(val, ROLE) == u32::from(Role::Primary.wire());
+        if peer_becomes_primary && self.role == Role::Primary && !self.cfg.two_primaries {
+            self.log("refusing the peer's promotion: allow-two-primaries is not set".to_string());
+            return StateRefusal::TwoPrimaries.code();
+        }
+        self.log(format!(
+            "peer requested a {}state change (mask {mask:#x} val {val:#x}): granted",
+            if connection { "connection " } else { "" }
+        ));
+        1
     }
 }

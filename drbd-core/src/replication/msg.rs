@@ -144,6 +144,40 @@ pub enum PeerMsg {
     /// One whole bitmap, as a sequence of `P_BITMAP` / `P_COMPRESSED_BITMAP` packets on the
     /// wire: 64-bit words, bit `i` of the device is bit `i % 64` of word `i / 64`.
     Bitmap(Vec<u64>),
+    /// `P_STATE_CHG_REQ` (or `P_CONN_ST_CHG_REQ` with `connection`): the peer asks to change
+    /// the fields in `mask` to `val` (raw state words, in the sender's view).
+    StateChgReq {
+        mask: u32,
+        val: u32,
+        connection: bool,
+    },
+    /// `P_STATE_CHG_REPLY` (or `P_CONN_ST_CHG_REPLY`): 1 granted, negative refused
+    /// (`enum drbd_state_rv`).
+    StateChgReply { retcode: i32, connection: bool },
+}
+
+/// Fields of a raw 8.4 state word (`P_STATE`, `P_STATE_CHG_REQ`).
+pub mod state_word {
+    /// Role (bits 0-1).
+    pub const ROLE: (u32, u32) = (0, 2);
+    /// The peer's role (bits 2-3).
+    pub const PEER: (u32, u32) = (2, 2);
+    /// Connection state (bits 4-8).
+    pub const CONN: (u32, u32) = (4, 5);
+    /// Disk state (bits 9-12).
+    pub const DISK: (u32, u32) = (9, 4);
+    /// The peer's disk state (bits 13-16).
+    pub const PDSK: (u32, u32) = (13, 4);
+
+    /// The value of `field` in `word`.
+    pub fn get(word: u32, field: (u32, u32)) -> u32 {
+        (word >> field.0) & ((1 << field.1) - 1)
+    }
+
+    /// Whether `mask` selects `field`.
+    pub fn selects(mask: u32, field: (u32, u32)) -> bool {
+        get(mask, field) != 0
+    }
 }
 
 /// `p_block_ack` fields.
@@ -173,7 +207,8 @@ impl PeerMsg {
             | PeerMsg::RsWriteAck(_)
             | PeerMsg::NegAck(_)
             | PeerMsg::NegDReply(_)
-            | PeerMsg::NegRsDReply(_) => Socket::Meta,
+            | PeerMsg::NegRsDReply(_)
+            | PeerMsg::StateChgReply { .. } => Socket::Meta,
             _ => Socket::Data,
         }
     }
@@ -201,6 +236,14 @@ impl PeerMsg {
             PeerMsg::SyncUuid(_) => "P_SYNC_UUID",
             PeerMsg::State(_) => "P_STATE",
             PeerMsg::Bitmap(_) => "P_BITMAP",
+            PeerMsg::StateChgReq {
+                connection: false, ..
+            } => "P_STATE_CHG_REQ",
+            PeerMsg::StateChgReq { .. } => "P_CONN_ST_CHG_REQ",
+            PeerMsg::StateChgReply {
+                connection: false, ..
+            } => "P_STATE_CHG_REPLY",
+            PeerMsg::StateChgReply { .. } => "P_CONN_ST_CHG_REPLY",
         }
     }
 }

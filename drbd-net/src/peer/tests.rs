@@ -162,6 +162,24 @@ fn every_variant() -> Vec<PeerMsg> {
             UuidFlags::CRASHED_PRIMARY | UuidFlags::INCONSISTENT,
         )),
         PeerMsg::SyncUuid(0xabcd_ef01_2345_6789),
+        PeerMsg::StateChgReq {
+            mask: 0x1e03,
+            val: 0x1001,
+            connection: false,
+        },
+        PeerMsg::StateChgReq {
+            mask: 0x1f0,
+            val: 0x10,
+            connection: true,
+        },
+        PeerMsg::StateChgReply {
+            retcode: 1,
+            connection: false,
+        },
+        PeerMsg::StateChgReply {
+            retcode: -1,
+            connection: true,
+        },
         PeerMsg::State(PeerState {
             role: Role::Primary,
             peer_role: Role::Secondary,
@@ -437,7 +455,6 @@ fn packets_the_core_does_not_handle_are_errors() {
         Packet::SyncParam89(SyncParam::default()),
         Packet::ProtocolUpdate(Protocol::default()),
         Packet::Protocol(Protocol::default()),
-        Packet::StateChgReq(Default::default()),
         Packet::Superseded(BlockAck::default()),
         Packet::InitialData,
         Packet::AuthChallenge(block(64, 1)),
