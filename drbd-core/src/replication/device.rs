@@ -640,7 +640,7 @@ impl Device {
         if dev.disk != DiskState::Diskless {
             // Writes from before a crash of this process may still sit in the disk's volatile
             // cache while the new activity log no longer covers them: once a resync declared
-            // them in sync, a power loss would silently revert them (simulation seed 322).
+            // them in sync, a power loss would silently revert them (found by tests/sim.rs).
             // Flush them first; a SyncSource resync waits for it (`sync_uuid_persisted`).
             dev.attach_flushing = true;
             let io = dev.io(IoPurpose::AttachFlush);
@@ -651,7 +651,7 @@ impl Device {
             // The bits of replayed activity-log extents must reach the on-disk bitmap before
             // any new AL transaction (metadata writes go out in order): the new transactions
             // describe only the new active set, so a second crash would otherwise forget
-            // that those extents may differ from the peer (simulation seed 101).
+            // that those extents may differ from the peer (found by tests/sim.rs).
             dev.persist_bitmap();
             // Record the crashed-primary flag and that the node is no longer Primary.
             dev.persist_superblock(false);
@@ -968,7 +968,7 @@ impl Device {
     /// Hands a metadata write to the runtime, or queues it while another is in flight.
     /// Metadata writes go out one at a time: the runtime may complete concurrent writes in
     /// any order, and an older superblock (or bitmap page) landing after a newer one would
-    /// leave stale metadata on disk (simulation seed 137: the superblock `Device::new`
+    /// leave stale metadata on disk (found by tests/sim.rs: the superblock `Device::new`
     /// writes landed after the promotion's, so a crash forgot the new data generation).
     fn push_meta(&mut self, io: IoId, op: MetaOp) {
         if self.meta_busy {
@@ -1093,7 +1093,7 @@ impl Device {
 
     fn retry_waiting(&mut self) {
         // Work on a copy: `start` puts a write the activity log cannot admit yet back into
-        // `waiting`, and popping it from there again looped forever (simulation seed 186).
+        // `waiting`, and popping it from there again looped forever (found by tests/sim.rs).
         let mut queue = std::mem::take(&mut self.waiting);
         let mut still = VecDeque::new();
         while let Some(id) = queue.pop_front() {
@@ -1148,7 +1148,7 @@ impl Device {
                         // The writes to evicted extents must be durable before the
                         // transaction that forgets them: after a power loss only active
                         // extents are resynced, and a write still in the volatile cache
-                        // would be lost silently (simulation seed 117 with SIM_LARGE=1).
+                        // would be lost silently (found by tests/sim.rs).
                         // DRBD's AL writes flush the (internal meta data) device; the
                         // runtime writes metadata with FUA only.
                         let io = self.io(IoPurpose::AlFlushFor(id, w));
@@ -1303,8 +1303,8 @@ impl Device {
             if self.connected && self.conn == ConnState::WfBitMapS {
                 // The bitmap already went to the peer: tell it (DRBD's
                 // `drbd_should_send_out_of_sync`). A write whose AL transaction completed
-                // during the bitmap exchange was otherwise never resynced (simulation seed
-                // 174 with SIM_LARGE=1).
+                // during the bitmap exchange was otherwise never resynced (found by
+                // tests/sim.rs).
                 self.send(PeerMsg::OutOfSync { sector, size: len });
             }
         }
@@ -1395,7 +1395,7 @@ impl Device {
                 // When no other write is still on its way, no later write may come to close
                 // the epoch: close it now (DRBD's sender sends the barrier when it runs out
                 // of work), or the peer never acknowledges (and flushes) it and its writes
-                // stay in the transfer log for good (simulation seed 0).
+                // stay in the transfer log for good (found by tests/sim.rs).
                 let writes_pending = self
                     .reqs
                     .values()
@@ -1828,7 +1828,7 @@ impl Device {
             let random = self.random();
             // The roles after the change: the peer's is Unknown now. Passing its role from
             // before made a Secondary that lost its Primary draw a new current UUID too, so
-            // that the next handshake saw a split brain (simulation seed 416).
+            // that the next handshake saw a split brain (found by tests/sim.rs).
             let a =
                 self.uuids
                     .on_peer_data_lost(random, self.role, Role::Unknown, self.disk, false);
@@ -2208,7 +2208,7 @@ impl Device {
                 // The new bitmap UUID must be durable before the target adopts it, as DRBD
                 // writes the metadata before sending P_SYNC_UUID: a source that crashed with
                 // the write still in flight and a target holding the new UUID share no UUID
-                // any more ("unrelated data", simulation seed 365). The resync starts when
+                // any more ("unrelated data", found by tests/sim.rs). The resync starts when
                 // the superblock is written (`sync_uuid_persisted`).
                 self.md_flags = self.compute_flags();
                 let io = self.io(IoPurpose::SyncUuid {
@@ -2420,7 +2420,7 @@ impl Device {
             // A resync write is acknowledged, and its bits cleared, only once it is durable:
             // on P_RS_WRITE_ACK the source clears its bits, and the target's bitmap on disk
             // need not hold them, so a write lost from the volatile cache in a power loss
-            // would never be resynced (simulation seed 465). A write completing after the
+            // would never be resynced (found by tests/sim.rs). A write completing after the
             // connection was lost keeps its bits (a later resync repeats it).
             if current && ok && self.cfg.disk_flushes {
                 self.rs_unflushed.push((w.sector, w.sectors));
@@ -2784,7 +2784,7 @@ impl Device {
         // `ctrl_in_flight` grows by what is actually requested (see `tick`), as DRBD's
         // `rs_in_flight` does: counting the whole budget, of which the cap on requests in
         // flight may leave most unused, made the controller believe forever that sectors
-        // were in flight and stop requesting (simulation seed 0).
+        // were in flight and stop requesting (found by tests/sim.rs).
         req as u64
     }
 
