@@ -353,6 +353,8 @@ fn push_frames(
         }),
         PeerMsg::Uuids(u) => Packet::Uuids(wire_uuids(u)),
         PeerMsg::SyncUuid(uuid) => Packet::SyncUuid(SyncUuid { uuid: *uuid }),
+        PeerMsg::Ping => Packet::Ping,
+        PeerMsg::PingAck => Packet::PingAck,
         PeerMsg::StateChgReq {
             mask,
             val,

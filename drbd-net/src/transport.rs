@@ -1069,6 +1069,7 @@ async fn connected(
             decoder: MsgDecoder::new(volume, bitmap_bits).for_socket(socket),
         })
     };
+    let barriers = Arc::new(PingBarriers::default());
     let mut tasks: JoinSet<Result<Infallible, ConnectError>> = JoinSet::new();
     tasks.spawn(read_loop(
         data_rd,
@@ -1077,6 +1078,7 @@ async fn connected(
         Arc::clone(&data_seen),
         ctrl_tx.clone(),
         sink(Socket::Data),
+        None,
     ));
     tasks.spawn(read_loop(
         meta_rd,
@@ -1085,6 +1087,7 @@ async fn connected(
         Arc::clone(&meta_seen),
         ctrl_tx.clone(),
         sink(Socket::Meta),
+        Some(Arc::clone(&barriers)),
     ));
     tasks.spawn(write_loop(Writer {
         stream: data_wr,
@@ -1095,6 +1098,7 @@ async fn connected(
         ctrl: Some(ctrl_tx.clone()),
         origin,
         send_timeout: None,
+        barriers: None,
     }));
     tasks.spawn(write_loop(Writer {
         stream: meta_wr,
@@ -1108,6 +1112,7 @@ async fn connected(
         // once: the meta socket carries only small packets, so a full send buffer there
         // means the peer stopped reading.
         send_timeout: Some(cfg.keepalive.timeout),
+        barriers: Some(barriers),
     }));
     drop(ctrl_tx);
 
@@ -1174,13 +1179,30 @@ async fn read_loop(
     seen: Arc<AtomicU64>,
     ctrl: mpsc::Sender<Ctrl>,
     mut sink: Option<Sink>,
+    barriers: Option<Arc<PingBarriers>>,
 ) -> Result<Infallible, ConnectError> {
+    let mut acks: u64 = 0;
     loop {
         let frame = reader.next().await?;
         let at = nanos_since(origin);
         seen.fetch_max(at, Ordering::Relaxed);
         if socket == Socket::Meta && matches!(frame.packet, Packet::Ping | Packet::PingAck) {
             let ping = matches!(frame.packet, Packet::Ping);
+            if !ping {
+                acks += 1;
+                // The ack of a ping the device sent as a barrier goes to the device too.
+                let answered = barriers.as_ref().is_some_and(|b| b.answered(acks));
+                if let (true, Some(sink)) = (answered, &mut sink) {
+                    let event = SessionEvent::Msg {
+                        epoch: sink.epoch,
+                        msg: PeerMsg::PingAck,
+                    };
+                    sink.events
+                        .send(event)
+                        .await
+                        .map_err(|_| ConnectError::EventsClosed)?;
+                }
+            }
             let event = Ctrl::Meta {
                 at: Duration::from_nanos(at),
                 ping,
@@ -1230,6 +1252,42 @@ struct Writer {
     origin: Instant,
     /// Limit for one batch (meta socket only).
     send_timeout: Option<Duration>,
+    /// Counting of pings written, for the device's ping barriers (meta socket only).
+    barriers: Option<Arc<PingBarriers>>,
+}
+
+/// The device's own pings on the meta socket ([`PeerMsg::Ping`]): the writer counts every
+/// `P_PING` it writes (keep-alive ones too) and notes the number of each device ping; the
+/// reader counts `P_PING_ACK`s, which the peer sends in order, and hands the device the ack
+/// whose number was noted.
+#[derive(Default)]
+struct PingBarriers {
+    written: AtomicU64,
+    /// Numbers of the device's pings not yet answered, oldest first (at most a few: the
+    /// device sends one per resync).
+    pending: std::sync::Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl PingBarriers {
+    fn wrote_ping(&self, device: bool) {
+        let n = self.written.fetch_add(1, Ordering::Relaxed) + 1;
+        if device {
+            self.pending.lock().expect("not poisoned").push_back(n);
+        }
+    }
+
+    /// Whether the `acks`-th ack answers a device ping.
+    fn answered(&self, acks: u64) -> bool {
+        let mut p = self.pending.lock().expect("not poisoned");
+        while p.front().is_some_and(|&n| n < acks) {
+            p.pop_front();
+        }
+        if p.front() == Some(&acks) {
+            p.pop_front();
+            return true;
+        }
+        false
+    }
 }
 
 async fn recv_ping(pings: &mut Option<mpsc::Receiver<Packet>>) -> Option<Packet> {
@@ -1249,6 +1307,9 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
         tokio::select! {
             biased;
             Some(p) = recv_ping(&mut w.pings) => {
+                if let (Packet::Ping, Some(b)) = (&p, &w.barriers) {
+                    b.wrote_ping(false);
+                }
                 wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
             }
             item = w.queue.recv() => match item {
@@ -1259,6 +1320,9 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
         }
         if let Some(pings) = &mut w.pings {
             while let Ok(p) = pings.try_recv() {
+                if let (Packet::Ping, Some(b)) = (&p, &w.barriers) {
+                    b.wrote_ping(false);
+                }
                 wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
             }
         }
@@ -1273,6 +1337,9 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
             }
         }
         for frame in batch.iter().flat_map(|o| &o.frames) {
+            if let (Packet::Ping, Some(b)) = (&frame.packet, &w.barriers) {
+                b.wrote_ping(true);
+            }
             // `encode_msg` checked every frame under this context when it was queued.
             wire::encode(frame, &w.ctx, &mut buf)?;
             if buf.len() >= WRITE_BATCH_BYTES {

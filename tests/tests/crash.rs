@@ -80,6 +80,16 @@ fn check_acked(acked: &Acked, mut read: impl FnMut(u64) -> Vec<u8>) {
     }
 }
 
+/// The number of activity-log extents the daemon replayed at attach, from its log.
+fn replayed_extents(log: &str) -> u64 {
+    log.split("sectors, disk engine")
+        .nth(1)
+        .and_then(|s| s.split(" activity-log extents replayed").next())
+        .and_then(|s| s.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no replay count in log:\n{log}"))
+}
+
 fn read_file_block(p: &Pair, node: usize, block: u64) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(&p.nodes[node].disk).unwrap();
@@ -157,13 +167,7 @@ fn kill_primary_during_writes_then_failover_and_rejoin() {
     p.adm_ok(0, &["up", "r0"]);
     p.wait_in_sync(Duration::from_secs(60));
     let log = p.log(0)[before..].to_string();
-    let extents: u64 = log
-        .split("sectors, disk engine")
-        .nth(1)
-        .and_then(|s| s.split(" activity-log extents replayed").next())
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no replay count in log:\n{log}"));
+    let extents = replayed_extents(&log);
     assert!(
         extents >= 2,
         "the crashed primary's activity log held {extents} extents:\n{log}"
@@ -202,13 +206,7 @@ fn kill_primary_and_restart_it_resyncs_its_activity_log_to_the_peer() {
     let log = p.log(0)[before..].to_string();
     // Same data generation on both: the crashed Primary is the source of its AL extents.
     assert!(log.contains("resync started as SyncSource"), "{log}");
-    let extents: u64 = log
-        .split("sectors, disk engine")
-        .nth(1)
-        .and_then(|s| s.split(" activity-log extents replayed").next())
-        .and_then(|s| s.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no replay count in log:\n{log}"));
+    let extents = replayed_extents(&log);
     let received = p.statistic(1, "received") - received_before;
     assert_eq!(
         received,

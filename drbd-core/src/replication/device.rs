@@ -421,6 +421,9 @@ struct ResyncState {
     /// Average resync sectors per step, decaying by a quarter per step (c-min-rate compares
     /// it, so that one paused step does not make the resync look slow).
     avg_step_sectors: u64,
+    /// Target: the ping round trip before the end of the resync: `Some(false)` sent,
+    /// `Some(true)` answered.
+    final_ping: Option<bool>,
 }
 
 impl ResyncState {
@@ -443,6 +446,7 @@ impl ResyncState {
             app_sectors: 0,
             last_step_sectors: 0,
             avg_step_sectors: 0,
+            final_ping: None,
         }
     }
 }
@@ -527,6 +531,26 @@ pub struct Device {
     received: u64,
 }
 
+/// The metadata flags and the disk state a disk gets when it is attached.
+fn attach_state(flags: u32) -> (u32, DiskState) {
+    let mut flags = flags;
+    // A node that was Primary when it stopped without demoting crashed as Primary.
+    if flags & MDF_PRIMARY_IND != 0 {
+        flags |= MDF_CRASHED_PRIMARY;
+    }
+    let state = if flags & MDF_CONSISTENT == 0 {
+        DiskState::Inconsistent
+    } else if flags & MDF_WAS_UP_TO_DATE == 0 {
+        // Consistent data that was not up to date when last written: Outdated.
+        DiskState::Outdated
+    } else {
+        // Consistent data is UpToDate when no fencing policy asks to wait for the peer (8.4
+        // attach with fencing dont-care).
+        DiskState::UpToDate
+    };
+    (flags, state)
+}
+
 fn sectors_of(len: u32) -> u64 {
     u64::from(len) / 512
 }
@@ -556,21 +580,7 @@ impl Device {
                         sectors
                     ));
                 }
-                let mut flags = d.flags;
-                // A node that was Primary when it stopped without demoting crashed as Primary.
-                if flags & MDF_PRIMARY_IND != 0 {
-                    flags |= MDF_CRASHED_PRIMARY;
-                }
-                let state = if flags & MDF_CONSISTENT == 0 {
-                    DiskState::Inconsistent
-                } else if flags & MDF_WAS_UP_TO_DATE == 0 {
-                    // Consistent data that was not up to date when last written: Outdated.
-                    DiskState::Outdated
-                } else {
-                    // Consistent data is UpToDate when no fencing policy asks to wait for the
-                    // peer (8.4 attach with fencing dont-care).
-                    DiskState::UpToDate
-                };
+                let (flags, state) = attach_state(d.flags);
                 (d.uuids, flags, d.bitmap, Some(d.al), state)
             }
             None => (
@@ -2107,6 +2117,21 @@ impl Device {
             }
             // This node changes its own state with plain P_STATE and never asks.
             PeerMsg::StateChgReply { .. } => Ok(()),
+            // The transport answers the peer's pings itself; a device answers those that
+            // reach it (the simulation delivers them).
+            PeerMsg::Ping => {
+                self.send(PeerMsg::PingAck);
+                Ok(())
+            }
+            PeerMsg::PingAck => {
+                if let Some(rs) = self.resync.as_mut() {
+                    if rs.final_ping == Some(false) {
+                        rs.final_ping = Some(true);
+                    }
+                }
+                self.maybe_finish_target();
+                Ok(())
+            }
             PeerMsg::Bitmap(words) => self.bitmap_received(&words),
         }
     }
@@ -2728,6 +2753,22 @@ impl Device {
         if remaining > 0 && (rs.failed == 0 || rs.cursor < self.bitmap.bits()) {
             return;
         }
+        // Before announcing the end (P_STATE, data socket), make sure the peer has processed
+        // every P_RS_WRITE_ACK (meta socket): a P_PING/P_PING_ACK round trip on the meta
+        // socket, as DRBD's `drbd_resync_finished` does. A kernel SyncSource finishes only if
+        // its bitmap is already clear when that P_STATE arrives; otherwise it stays
+        // SyncSource for good (seen against DRBD 8.4.11).
+        match rs.final_ping {
+            None => {
+                if let Some(rs) = self.resync.as_mut() {
+                    rs.final_ping = Some(false);
+                }
+                self.send(PeerMsg::Ping);
+                return;
+            }
+            Some(false) => return,
+            Some(true) => {}
+        }
         let failed = remaining > 0;
         self.resync = None;
         if failed {
@@ -3223,17 +3264,7 @@ impl Device {
                 ),
             });
         }
-        let mut flags = disk.flags;
-        if flags & MDF_PRIMARY_IND != 0 {
-            flags |= MDF_CRASHED_PRIMARY;
-        }
-        let state = if flags & MDF_CONSISTENT == 0 {
-            DiskState::Inconsistent
-        } else if flags & MDF_WAS_UP_TO_DATE == 0 {
-            DiskState::Outdated
-        } else {
-            DiskState::UpToDate
-        };
+        let (flags, state) = attach_state(disk.flags);
         self.uuids = disk.uuids;
         if self.role == Role::Primary {
             self.uuids.current |= 1;

@@ -154,6 +154,12 @@ pub enum PeerMsg {
     /// `P_STATE_CHG_REPLY` (or `P_CONN_ST_CHG_REPLY`): 1 granted, negative refused
     /// (`enum drbd_state_rv`).
     StateChgReply { retcode: i32, connection: bool },
+    /// `P_PING` sent by the device as a barrier on the meta socket: its `P_PING_ACK` proves
+    /// that the peer processed everything sent on the meta socket before it. (Keep-alive
+    /// pings are the transport's business and never reach the device.)
+    Ping,
+    /// `P_PING_ACK` of the device's own [`PeerMsg::Ping`].
+    PingAck,
 }
 
 /// Fields of a raw 8.4 state word (`P_STATE`, `P_STATE_CHG_REQ`).
@@ -208,7 +214,9 @@ impl PeerMsg {
             | PeerMsg::NegAck(_)
             | PeerMsg::NegDReply(_)
             | PeerMsg::NegRsDReply(_)
-            | PeerMsg::StateChgReply { .. } => Socket::Meta,
+            | PeerMsg::StateChgReply { .. }
+            | PeerMsg::Ping
+            | PeerMsg::PingAck => Socket::Meta,
             _ => Socket::Data,
         }
     }
@@ -244,6 +252,8 @@ impl PeerMsg {
                 connection: false, ..
             } => "P_STATE_CHG_REPLY",
             PeerMsg::StateChgReply { .. } => "P_CONN_ST_CHG_REPLY",
+            PeerMsg::Ping => "P_PING",
+            PeerMsg::PingAck => "P_PING_ACK",
         }
     }
 }
