@@ -7,6 +7,8 @@
 //! namespace), plus a small synchronous NBD client ([`NbdClient`]) for writers that must know
 //! exactly which writes were acknowledged.
 
+pub mod lab;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};

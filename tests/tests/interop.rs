@@ -1,0 +1,496 @@
+//! Interoperability: our `drbdd` replicates with the in-kernel DRBD 8.4.11 running in a QEMU
+//! VM (the lab of `../shared/lab`, driven by `tests::lab`). Each test boots its own VM, runs
+//! our daemon on the host side of a private network namespace, captures the traffic on the
+//! bridge and requires tshark's DRBD dissector to find nothing malformed in it.
+//!
+//! Needs root, qemu-system-x86_64, tcpdump and tshark (skipped otherwise, failed under CI).
+
+use std::time::Duration;
+
+use tests::lab::{cmd, lab_skip, md5_bytes, now, Lab, LabSpec, HOST_IP, KERNEL_IP};
+use tests::{stamped_block, NbdClient};
+
+/// Connection states of our node while it waits for the peer.
+fn waiting(cstate: &str) -> bool {
+    matches!(cstate, "WFConnection" | "Unconnected")
+}
+
+/// Brings both nodes up, `first` first ("kernel" or "ours"), and waits until both are
+/// Connected.
+fn connect(lab: &mut Lab, first: &str) {
+    lab.kernel_create_md();
+    if first == "kernel" {
+        lab.kernel_adm("up");
+        lab.kernel_wait("cs:WFConnection", 30);
+        lab.start_daemon();
+        lab.adm_ok(&["up", "r0"]);
+    } else {
+        lab.start_daemon();
+        lab.adm_ok(&["up", "r0"]);
+        lab.wait_ours("WFConnection", Duration::from_secs(30), |l| {
+            waiting(&l.cstate())
+        });
+        lab.kernel_adm("up");
+    }
+    lab.kernel_wait("cs:Connected", 60);
+    lab.wait_ours("Connected", Duration::from_secs(60), |l| {
+        l.cstate() == "Connected"
+    });
+}
+
+fn assert_handshake(lab: &Lab) {
+    let log = lab.log();
+    assert!(
+        log.contains("handshake successful: agreed network protocol version 101"),
+        "our log:\n{log}"
+    );
+    let dmesg = lab.dmesg();
+    for line in [
+        "Handshake successful: Agreed network protocol version 101",
+        "Peer authenticated using 20 bytes HMAC",
+        "conn( WFReportParams -> Connected )",
+    ] {
+        assert!(
+            dmesg.contains(line),
+            "kernel dmesg lacks '{line}':\n{dmesg}"
+        );
+    }
+}
+
+/// Runs a handshake in which `first` (`"ours"` or `"kernel"`) opens the first socket: the
+/// other node gets a 20 s connect-int and is started first, so its attempt is refused and the
+/// next one is far away. Checks who sent the first initial packet, and one cram-hmac
+/// challenge and response each way.
+fn handshake_with_first_connector(first: &str) {
+    let mut spec = LabSpec::default();
+    let (slow, expected) = if first == "ours" {
+        spec.kernel.connect_int = 20;
+        // As the node with the lower address ours opens the meta socket first (drbd-net's
+        // handshake::roles), which the kernel accepts.
+        ("kernel", (HOST_IP, cmd::P_INITIAL_META))
+    } else {
+        spec.ours.connect_int = 20;
+        // DRBD 8.4 always opens its data socket first.
+        ("ours", (KERNEL_IP, cmd::P_INITIAL_DATA))
+    };
+    let mut lab = Lab::new(spec);
+    connect(&mut lab, slow);
+    assert_handshake(&lab);
+    assert_eq!(lab.dstate(), "Inconsistent/Inconsistent");
+    let cap = lab.finish();
+    let got = cap
+        .first_of(&[cmd::P_INITIAL_DATA, cmd::P_INITIAL_META])
+        .expect("initial packets");
+    assert_eq!(
+        (got.src.as_str(), got.cmd),
+        expected,
+        "{first} should have connected first: {}",
+        cap.summary()
+    );
+    for src in [HOST_IP, KERNEL_IP] {
+        assert_eq!(cap.count(cmd::P_AUTH_CHALLENGE, Some(src), None, None), 1);
+        assert_eq!(cap.count(cmd::P_AUTH_RESPONSE, Some(src), None, None), 1);
+    }
+}
+
+/// The kernel is up first; our node connects in and opens the first socket.
+#[test]
+fn handshake_ours_connects_first() {
+    if lab_skip() {
+        return;
+    }
+    handshake_with_first_connector("ours");
+}
+
+/// Our node is up first; the kernel connects in and opens the first socket.
+#[test]
+fn handshake_kernel_connects_first() {
+    if lab_skip() {
+        return;
+    }
+    handshake_with_first_connector("kernel");
+}
+
+/// A wrong shared secret on our side: both nodes refuse the peer and stay StandAlone, with
+/// the reason in the kernel's dmesg and in our log; both ways round.
+#[test]
+fn handshake_wrong_secret_refused_both_ways() {
+    if lab_skip() {
+        return;
+    }
+    let mut spec = LabSpec::default();
+    spec.ours.secret = "not-the-secret".into();
+    let mut lab = Lab::new(spec);
+    lab.kernel_create_md();
+    lab.start_daemon();
+    for first in ["kernel", "ours"] {
+        let dmark = lab.dmesg_mark();
+        let lmark = lab.log_mark();
+        if first == "kernel" {
+            lab.kernel_adm("up");
+            lab.kernel_wait("cs:WFConnection", 30);
+            lab.adm_ok(&["up", "r0"]);
+        } else {
+            lab.adm_ok(&["up", "r0"]);
+            lab.wait_ours("WFConnection", Duration::from_secs(30), |l| {
+                waiting(&l.cstate())
+            });
+            lab.kernel_adm("up");
+        }
+        lab.kernel_wait("cs:StandAlone", 60);
+        lab.wait_ours("StandAlone", Duration::from_secs(60), |l| {
+            l.cstate() == "StandAlone"
+        });
+        let dmesg = lab.dmesg_since(dmark);
+        assert!(
+            dmesg.contains("Authentication of peer failed"),
+            "kernel dmesg ({first} up first):\n{dmesg}"
+        );
+        let log = lab.log_since(lmark);
+        assert!(
+            log.to_lowercase().contains("authentication")
+                && log.contains("StandAlone")
+                && !log.contains("conn( WFReportParams -> Connected )"),
+            "our log ({first} up first):\n{log}"
+        );
+        // Still StandAlone a moment later: nobody retries.
+        std::thread::sleep(Duration::from_secs(3));
+        assert_eq!(lab.cstate(), "StandAlone");
+        assert!(lab.kernel_state().contains("cs:StandAlone"));
+        lab.kernel_adm("down");
+        lab.adm_ok(&["down", "r0"]);
+    }
+    let cap = lab.finish();
+    assert_eq!(
+        cap.count(cmd::P_AUTH_RESPONSE, Some(KERNEL_IP), None, None),
+        2
+    );
+}
+
+/// Both up, the kernel forced Primary: a full sync from the kernel to our disk.
+fn kernel_primary_in_sync() -> Lab {
+    let mut lab = Lab::new(LabSpec::default());
+    connect(&mut lab, "kernel");
+    lab.kernel_adm("primary --force");
+    lab.wait_in_sync(120);
+    lab.kernel_wait("ro:Primary/Secondary", 10);
+    assert_eq!(lab.role(), "Secondary/Primary");
+    lab
+}
+
+/// Both up, our node forced Primary: a full sync from our disk to the kernel.
+fn ours_primary_in_sync() -> Lab {
+    let mut lab = Lab::new(LabSpec::default());
+    connect(&mut lab, "kernel");
+    lab.adm_ok(&["primary", "--force", "r0"]);
+    lab.wait_in_sync(120);
+    lab.kernel_wait("ro:Secondary/Primary", 10);
+    assert_eq!(lab.role(), "Primary/Secondary");
+    lab
+}
+
+/// Kernel `primary --force`: full initial sync to us; then protocol C writes on the kernel
+/// are on our disk when they complete.
+#[test]
+fn kernel_primary_full_sync_and_protocol_c_writes() {
+    if lab_skip() {
+        return;
+    }
+    let t0 = std::time::Instant::now();
+    let mut lab = kernel_primary_in_sync();
+    eprintln!("connected and synced in {:.1}s", t0.elapsed().as_secs_f64());
+    lab.assert_same_data();
+    // O_DIRECT writes through the kernel's device: when dd returns, protocol C has them on
+    // our disk too. Each region is compared right after its write.
+    for (seek, count, bs_blocks) in [(10u64, 100u64, 1u64), (2000, 4, 64), (4085, 1, 1)] {
+        let kb = bs_blocks * 4;
+        lab.rpc_ok(&format!(
+            "dd if=/dev/urandom of=/dev/drbd0 bs={kb}k count={count} seek={} oflag=direct conv=notrunc 2>/dev/null",
+            seek / bs_blocks
+        ));
+        let blocks = count * bs_blocks;
+        let k = lab.kernel_md5("/dev/drbd0", seek, blocks);
+        let o = lab.our_md5(seek, blocks);
+        assert_eq!(k, o, "blocks {seek}..+{blocks}: kernel {k}, ours {o}");
+    }
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert!(cap.count(cmd::P_RS_DATA_REPLY, Some(KERNEL_IP), None, None) > 0);
+    assert!(cap.count(cmd::P_RS_DATA_REQUEST, Some(HOST_IP), None, None) > 0);
+    assert!(cap.count(cmd::P_DATA, Some(KERNEL_IP), None, None) >= 3);
+}
+
+/// Our `primary --force` on fresh metadata: full sync from us to the kernel.
+#[test]
+fn ours_primary_full_sync_to_kernel() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = ours_primary_in_sync();
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert!(cap.count(cmd::P_RS_DATA_REQUEST, Some(KERNEL_IP), None, None) > 0);
+    assert!(cap.count(cmd::P_RS_DATA_REPLY, Some(HOST_IP), None, None) > 0);
+    // The kernel as SyncTarget ends the resync the careful way (checks the checker).
+    assert_eq!(cap.check_resync_ends(KERNEL_IP, HOST_IP), Ok(1));
+}
+
+/// Roles swapped: our node Primary, writes through our NBD export land on the kernel's disk.
+#[test]
+fn ours_primary_nbd_writes_reach_kernel() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = ours_primary_in_sync();
+    let mut nbd = NbdClient::connect(&lab.nbd_socket(), "r0").expect("NBD connect");
+    let blocks = lab.kernel_data_blocks();
+    assert_eq!(nbd.size, blocks * 4096);
+    // Single blocks, a 1 MiB run, the last block.
+    let mut regions: Vec<(u64, Vec<u8>)> = vec![
+        (0, stamped_block(0, 1)),
+        (17, stamped_block(17, 1)),
+        (blocks - 1, stamped_block(blocks - 1, 1)),
+    ];
+    let run: Vec<u8> = (0..256).flat_map(|b| stamped_block(1024 + b, 2)).collect();
+    regions.push((1024, run));
+    for (block, data) in &regions {
+        nbd.write(block * 4096, data).expect("NBD write");
+    }
+    nbd.flush().expect("NBD flush");
+    for (block, data) in &regions {
+        let n = data.len() as u64 / 4096;
+        let want = md5_bytes(data);
+        assert_eq!(
+            lab.kernel_md5("/dev/vda", *block, n),
+            want,
+            "kernel blocks {block}..+{n}"
+        );
+        assert_eq!(lab.our_md5(*block, n), want, "our blocks {block}..+{n}");
+        assert_eq!(
+            nbd.read(block * 4096, data.len() as u32).expect("read"),
+            *data
+        );
+    }
+    drop(nbd);
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert!(cap.count(cmd::P_DATA, Some(HOST_IP), None, None) >= regions.len());
+    assert_eq!(cap.check_resync_ends(KERNEL_IP, HOST_IP), Ok(1));
+}
+
+/// Blocks written while disconnected: 5..8 (one run), 300, 1234, 4000: 6 bits, 24 KiB.
+const DIRTY: [(u64, u64); 4] = [(5, 3), (300, 1), (1234, 1), (4000, 1)];
+const DIRTY_KIB: u64 = 24;
+
+/// One round of "disconnect, write, reconnect".
+#[derive(Clone, Copy, Debug)]
+struct Round {
+    /// `use-rle` of the kernel (its `net` options are given again at `connect`).
+    kernel_rle: bool,
+    /// `use-rle` of our node (read at `up`).
+    our_rle: bool,
+    /// Take our node down and up again (instead of `disconnect`/`connect` on the kernel),
+    /// which is how our `use-rle` changes.
+    ours_down: bool,
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+/// Disconnects, lets `write` write the dirty blocks on the Primary, reconnects as `round`
+/// says; checks that the resync moved exactly the dirty blocks, each side's bitmap encoding,
+/// and the data. Returns the time window of the reconnection (for the capture).
+fn disconnected_writes_and_resync(
+    lab: &mut Lab,
+    round: Round,
+    kernel_is_source: bool,
+    write: &dyn Fn(&Lab, u64, u64),
+) -> (f64, f64) {
+    if round.ours_down {
+        lab.adm_ok(&["down", "r0"]);
+        lab.kernel_wait("cs:WFConnection", 30);
+        // The kernel takes its new net options at `connect`.
+        lab.kernel_adm("disconnect");
+        lab.kernel_wait("cs:StandAlone", 30);
+    } else {
+        lab.kernel_adm("disconnect");
+        lab.kernel_wait("cs:StandAlone", 30);
+        lab.wait_ours("WFConnection", Duration::from_secs(30), |l| {
+            waiting(&l.cstate())
+        });
+    }
+    lab.spec.kernel.net_extra = format!("use-rle {};", yes_no(round.kernel_rle));
+    lab.write_kernel_conf();
+    lab.spec.ours.net_extra = format!("use-rle {};", yes_no(round.our_rle));
+    lab.write_our_conf();
+    for (block, n) in DIRTY {
+        write(lab, block, n);
+    }
+    // The Primary counts exactly the dirty blocks out of sync.
+    if kernel_is_source {
+        lab.kernel_wait(&format!("oos:{DIRTY_KIB}$"), 10);
+    } else {
+        assert_eq!(lab.statistic("out-of-sync"), DIRTY_KIB);
+    }
+    let oos = DIRTY_KIB;
+    let dmark = lab.dmesg_mark();
+    let lmark = lab.log_mark();
+    let t0 = now();
+    lab.kernel_adm("connect");
+    if round.ours_down {
+        lab.adm_ok(&["up", "r0"]);
+    }
+    // 24 KiB: a fraction of a second.
+    lab.wait_in_sync(30);
+    let t1 = now();
+    let dmesg = lab.dmesg_since(dmark);
+    let log = lab.log_since(lmark);
+    let (kernel_role, our_role) = if kernel_is_source {
+        ("SyncSource", "SyncTarget")
+    } else {
+        ("SyncTarget", "SyncSource")
+    };
+    let want = format!("Began resync as {kernel_role} (will sync {oos} KB [6 bits set])");
+    assert!(
+        dmesg.contains(&want),
+        "kernel dmesg lacks '{want}':\n{dmesg}\nour log:\n{log}"
+    );
+    let want = format!("resync started as {our_role}: {oos} KiB");
+    assert!(
+        log.contains(&want),
+        "our log lacks '{want}':\n{log}\nkernel:\n{dmesg}"
+    );
+    // The kernel reports a bitmap transfer only when it was compressed
+    // (INFO_bm_xfer_stats: "don't report if not compressed").
+    for (what, rle) in [("send", round.kernel_rle), ("receive", round.our_rle)] {
+        let stats = dmesg
+            .lines()
+            .find(|l| l.contains(&format!("{what} bitmap stats")));
+        if rle {
+            let stats =
+                stats.unwrap_or_else(|| panic!("no {what} bitmap stats in dmesg:\n{dmesg}"));
+            assert!(stats.contains("plain 0(0)"), "{round:?}: {stats}");
+        } else {
+            assert!(stats.is_none(), "{round:?}, yet: {stats:?}");
+        }
+    }
+    lab.assert_same_data();
+    (t0, t1)
+}
+
+/// Each side sent its bitmap in the encoding its `use-rle` asks for.
+fn check_bitmap_packets(cap: &tests::lab::CaptureReport, windows: &[(Round, (f64, f64))]) {
+    for (round, (t0, t1)) in windows {
+        for (who, ip, rle) in [
+            ("kernel", KERNEL_IP, round.kernel_rle),
+            ("ours", HOST_IP, round.our_rle),
+        ] {
+            let plain = cap.count(cmd::P_BITMAP, Some(ip), Some(*t0), Some(*t1));
+            let rle_n = cap.count(cmd::P_COMPRESSED_BITMAP, Some(ip), Some(*t0), Some(*t1));
+            assert!(
+                if rle {
+                    rle_n > 0 && plain == 0
+                } else {
+                    plain > 0 && rle_n == 0
+                },
+                "{round:?}: {who} sent {plain} plain and {rle_n} RLE bitmap packets"
+            );
+        }
+    }
+}
+
+const ROUNDS_KERNEL_SIDE: [Round; 2] = [
+    Round {
+        kernel_rle: true,
+        our_rle: true,
+        ours_down: false,
+    },
+    Round {
+        kernel_rle: false,
+        our_rle: true,
+        ours_down: false,
+    },
+];
+
+/// Kernel Primary; writes on the kernel while disconnected; the reconnection resyncs exactly
+/// those blocks to us: the kernel's bitmap RLE-compressed and plain (kernel `disconnect`/
+/// `connect`), then ours plain (our node `down`/`up` with `use-rle no`).
+#[test]
+fn bitmap_resync_kernel_to_ours() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = kernel_primary_in_sync();
+    let mut windows = Vec::new();
+    let ours_plain = Round {
+        kernel_rle: true,
+        our_rle: false,
+        ours_down: true,
+    };
+    for round in ROUNDS_KERNEL_SIDE.into_iter().chain([ours_plain]) {
+        let w = disconnected_writes_and_resync(&mut lab, round, true, &|lab, block, n| {
+            lab.rpc_ok(&format!(
+                "dd if=/dev/urandom of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
+            ));
+        });
+        windows.push((round, w));
+    }
+    let cap = lab.finish();
+    check_bitmap_packets(&cap, &windows);
+}
+
+/// Our node as SyncTarget must end every resync the way the kernel's SyncTarget does (last
+/// P_RS_WRITE_ACK, P_PING/P_PING_ACK round trip, then P_STATE Connected): otherwise the
+/// kernel's SyncSource can see the P_STATE before the last acks, and then never finishes
+/// (stays SyncSource at 100 %, oos:0). Four full resyncs: the initial one, then the kernel's
+/// `invalidate-remote` three times; each must finish on the kernel too.
+#[test]
+fn our_sync_target_ends_resync_like_the_kernel() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = Lab::new(LabSpec::default());
+    connect(&mut lab, "kernel");
+    lab.kernel_adm("primary --force");
+    // A 16 MiB resync takes about a second; a stuck SyncSource fails in 20 s.
+    lab.wait_in_sync(20);
+    for _ in 0..3 {
+        lab.kernel_adm("invalidate-remote");
+        lab.kernel_wait("cs:(SyncSource|Connected)", 20);
+        lab.wait_in_sync(20);
+    }
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert_eq!(cap.check_resync_ends(HOST_IP, KERNEL_IP), Ok(4));
+}
+
+/// Our node Primary; writes through our NBD export while disconnected; the reconnection
+/// resyncs exactly those blocks to the kernel.
+#[test]
+fn bitmap_resync_ours_to_kernel() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = ours_primary_in_sync();
+    let mut windows = Vec::new();
+    for (i, round) in ROUNDS_KERNEL_SIDE.into_iter().enumerate() {
+        let w = disconnected_writes_and_resync(&mut lab, round, false, &|lab, block, n| {
+            let mut nbd = NbdClient::connect(&lab.nbd_socket(), "r0").expect("NBD connect");
+            let data: Vec<u8> = (block..block + n)
+                .flat_map(|b| stamped_block(b, 10 + i as u64))
+                .collect();
+            nbd.write(block * 4096, &data)
+                .expect("NBD write while disconnected");
+            nbd.flush().expect("flush");
+        });
+        windows.push((round, w));
+    }
+    let cap = lab.finish();
+    check_bitmap_packets(&cap, &windows);
+    assert_eq!(cap.check_resync_ends(KERNEL_IP, HOST_IP), Ok(3));
+}
