@@ -219,6 +219,8 @@ pub struct Running {
     _listener: Listener,
     socket: PathBuf,
     peer: String,
+    /// The daemon's TCP export server, if any (the export is removed at shutdown).
+    tcp: Option<Arc<NbdServer>>,
 }
 
 impl host::Replica for Running {
@@ -238,13 +240,49 @@ impl host::Replica for Running {
         Box::pin(async move {
             self.nbd.shutdown().await;
             let _ = std::fs::remove_file(&self.socket);
+            if let Some(tcp) = &self.tcp {
+                tcp.remove_export(self.replica.name());
+            }
             self.replica.shutdown().await;
         })
     }
 }
 
-/// The factory `drbdd` runs with: real volumes, served over NBD.
-pub struct RuntimeFactory;
+/// The factory `drbdd` runs with: real volumes, served over NBD (always on the Unix socket
+/// `DIR/RES.nbd`, and on one shared TCP listener when `nbd_tcp` is given).
+pub struct RuntimeFactory {
+    nbd_tcp: Option<SocketAddr>,
+    /// The TCP server and its listener, started with the first resource.
+    tcp: tokio::sync::Mutex<Option<(Arc<NbdServer>, Listener)>>,
+}
+
+impl RuntimeFactory {
+    /// A factory; with `nbd_tcp`, exports are also served on that TCP address.
+    pub fn new(nbd_tcp: Option<SocketAddr>) -> RuntimeFactory {
+        RuntimeFactory {
+            nbd_tcp,
+            tcp: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The shared TCP server, started on first use.
+    async fn tcp_server(&self) -> Result<Option<Arc<NbdServer>>, String> {
+        let Some(addr) = self.nbd_tcp else {
+            return Ok(None);
+        };
+        let mut slot = self.tcp.lock().await;
+        if slot.is_none() {
+            let server = Arc::new(NbdServer::new());
+            let listener = server
+                .serve_tcp(addr)
+                .await
+                .map_err(|e| format!("NBD on TCP {addr}: {e}"))?;
+            tracing::info!("NBD exports also served on TCP {addr}");
+            *slot = Some((server, listener));
+        }
+        Ok(slot.as_ref().map(|(s, _)| Arc::clone(s)))
+    }
+}
 
 impl ReplicaFactory for RuntimeFactory {
     fn start<'a>(
@@ -277,6 +315,31 @@ impl ReplicaFactory for RuntimeFactory {
                     .map_err(|e| format!("{}: {e}", socket.display()))
             }
             .await;
+            let tcp = match self.tcp_server().await {
+                Ok(tcp) => tcp,
+                Err(e) => {
+                    replica.shutdown().await;
+                    return Err(AdminError::Other {
+                        exit_code: 10,
+                        message: e,
+                    });
+                }
+            };
+            if let Some(tcp) = &tcp {
+                // An export left by an earlier `up` of the same name is replaced.
+                tcp.remove_export(&resource.name);
+                if let Err(e) = tcp.add_export(
+                    resource.name.clone(),
+                    replica.clone() as Arc<dyn BlockDevice>,
+                    format!("DRBD resource {}", resource.name),
+                ) {
+                    replica.shutdown().await;
+                    return Err(AdminError::Other {
+                        exit_code: 10,
+                        message: e.to_string(),
+                    });
+                }
+            }
             let listener = match served {
                 Ok(l) => l,
                 Err(message) => {
@@ -300,6 +363,7 @@ impl ReplicaFactory for RuntimeFactory {
                 _listener: listener,
                 socket,
                 peer: resource.peer_name.clone().unwrap_or_else(|| "peer".into()),
+                tcp,
             }) as Arc<dyn host::Replica>)
         })
     }

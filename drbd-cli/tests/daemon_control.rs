@@ -260,6 +260,7 @@ impl Harness {
             config: conf.clone(),
             node: "alpha".into(),
             state_dir: dir.path().join("state"),
+            nbd_tcp: None,
         };
         let daemon = rt
             .block_on(Daemon::start(

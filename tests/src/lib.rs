@@ -195,6 +195,11 @@ impl Pair {
 
     /// Starts node `i`'s daemon and waits for its control socket.
     pub fn start(&mut self, i: usize) {
+        self.start_with(i, &[]);
+    }
+
+    /// Starts node `i`'s daemon with extra arguments and waits for its control socket.
+    pub fn start_with(&mut self, i: usize, extra: &[&str]) {
         let n = &self.nodes[i];
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -207,6 +212,7 @@ impl Pair {
             .args(["--node", &n.name])
             .arg("--state-dir")
             .arg(&n.state_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

@@ -387,3 +387,39 @@ fn read_block(p: &Pair, node: usize, block: u64) -> Vec<u8> {
     f.read_exact_at(&mut b, block * 4096).unwrap();
     b
 }
+
+#[test]
+fn nbd_export_on_tcp_when_configured() {
+    if skip_unless(have("qemu-io"), "qemu-io (qemu-utils) not installed") {
+        return;
+    }
+    let mut p = pair_on(7819, "");
+    p.start_with(0, &["--nbd-tcp", "127.0.0.1:10819"]);
+    p.start(1);
+    for i in 0..2 {
+        p.adm_ok(i, &["up", "r0"]);
+    }
+    p.wait_until("Connected", Duration::from_secs(30), |p| {
+        p.cstate(0) == "Connected" && p.cstate(1) == "Connected"
+    });
+    p.adm_ok(0, &["primary", "--force", "r0"]);
+    p.wait_in_sync(Duration::from_secs(60));
+    let uri = "nbd://127.0.0.1:10819/r0";
+    let r = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 64k",
+            "-c",
+            "flush",
+            uri,
+        ],
+    );
+    assert_eq!(r.code, 0, "qemu-io over TCP: {}{}", r.stdout, r.stderr);
+    let b = p.data(1, 2 * MIB);
+    assert!(b[MIB as usize..(MIB + 65536) as usize]
+        .iter()
+        .all(|&x| x == 0x3c));
+}

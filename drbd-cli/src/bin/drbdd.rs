@@ -1,12 +1,14 @@
 //! `drbdd`: the daemon that hosts this node's resources and serves `drbdadm`'s requests on
 //! `STATE_DIR/drbdd.sock` (see `drbd_cli::daemon`), each resource as an NBD export at
-//! `STATE_DIR/RES.nbd`. Runs in the foreground until SIGTERM or SIGINT.
+//! `STATE_DIR/RES.nbd` (and on TCP with `--nbd-tcp ADDR:PORT`). Runs in the foreground until SIGTERM or SIGINT.
 
 use std::sync::Arc;
 
-use drbd_cli::daemon::main_with_factory;
+use drbd_cli::daemon::main_with;
 use drbd_cli::runtime::RuntimeFactory;
 
 fn main() {
-    std::process::exit(main_with_factory(Arc::new(RuntimeFactory)));
+    std::process::exit(main_with(|opts| {
+        Arc::new(RuntimeFactory::new(opts.nbd_tcp))
+    }));
 }

@@ -41,6 +41,8 @@ pub struct DaemonOptions {
     pub node: String,
     /// Where the control socket and the resources' state live.
     pub state_dir: PathBuf,
+    /// Also serve every resource's NBD export on this TCP address (export name = resource).
+    pub nbd_tcp: Option<std::net::SocketAddr>,
 }
 
 /// Why the daemon could not start or run.
@@ -337,6 +339,10 @@ pub struct DaemonArgs {
     /// State directory; the control socket is DIR/drbdd.sock
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Also serve the NBD exports on TCP at ADDR:PORT (export name = resource name); the
+    /// Unix socket DIR/RES.nbd is always served
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub nbd_tcp: Option<std::net::SocketAddr>,
 }
 
 impl DaemonArgs {
@@ -359,12 +365,19 @@ impl DaemonArgs {
             config,
             node: crate::adm::resolve_node_name(self.node.as_deref()),
             state_dir: self.state_dir,
+            nbd_tcp: self.nbd_tcp,
         })
     }
 }
 
 /// Entry point of the `drbdd` binary with the given factory; returns the exit code.
 pub fn main_with_factory(factory: Arc<dyn ReplicaFactory>) -> i32 {
+    main_with(move |_| factory)
+}
+
+/// Entry point of the `drbdd` binary with a factory made from the daemon's options; returns
+/// the exit code.
+pub fn main_with(make: impl FnOnce(&DaemonOptions) -> Arc<dyn ReplicaFactory>) -> i32 {
     use clap::Parser;
     let args = match DaemonArgs::try_parse() {
         Ok(a) => a,
@@ -393,6 +406,7 @@ pub fn main_with_factory(factory: Arc<dyn ReplicaFactory>) -> i32 {
             return 20;
         }
     };
+    let factory = make(&opts);
     match runtime.block_on(run_daemon(opts, factory)) {
         Ok(()) => 0,
         Err(e) => {
