@@ -494,3 +494,211 @@ fn bitmap_resync_ours_to_kernel() {
     check_bitmap_packets(&cap, &windows);
     assert_eq!(cap.check_resync_ends(KERNEL_IP, HOST_IP), Ok(3));
 }
+
+/// DRBD 8.4 acknowledgement packets of application writes.
+const P_RECV_ACK: u16 = 0x15;
+const P_WRITE_ACK: u16 = 0x16;
+/// A discard (`P_TRIM`, DRBD_FF_TRIM).
+const P_TRIM: u16 = 0x31;
+
+/// Waits until `f` returns true (polling every 100 ms) or `limit` passes; returns whether it
+/// did.
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `data` at `block` through our NBD export.
+fn nbd_write(lab: &Lab, block: u64, data: &[u8]) {
+    let mut nbd = NbdClient::connect(&lab.nbd_socket(), "r0").expect("NBD connect");
+    nbd.write(block * 4096, data).expect("NBD write");
+    nbd.flush().expect("NBD flush");
+}
+
+/// Scenario 9a: protocol A, then protocol B (both configurations, before connecting):
+/// writes on the kernel and through our NBD export reach the other disk.
+#[test]
+fn protocols_a_and_b_replicate_both_ways() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = Lab::new(LabSpec {
+        protocol: 'A',
+        ..LabSpec::default()
+    });
+    connect(&mut lab, "kernel");
+    lab.kernel_adm("primary --force");
+    lab.wait_in_sync(120);
+    let mut windows = Vec::new();
+    for (i, proto) in ['A', 'B'].into_iter().enumerate() {
+        if proto != 'A' {
+            // Both down, both configurations changed, both up again.
+            lab.kernel_adm("down");
+            lab.adm_ok(&["down", "r0"]);
+            lab.spec.protocol = proto;
+            lab.write_kernel_conf();
+            lab.write_our_conf();
+            lab.kernel_adm("up");
+            lab.adm_ok(&["up", "r0"]);
+            lab.wait_in_sync(60);
+        }
+        let st = lab.kernel_state();
+        assert!(st.contains(&format!(" {proto} ")), "kernel: {st}");
+        let t0 = now();
+        // The kernel Primary writes.
+        if !lab.kernel_state().contains("ro:Primary") {
+            lab.adm_ok(&["secondary", "r0"]);
+            lab.kernel_adm("primary");
+        }
+        let i = i as u64;
+        for (block, n) in [(10 + i * 100, 8u64), (2048 + i * 100, 1)] {
+            lab.rpc_ok(&format!(
+                "dd if=/dev/urandom of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
+            ));
+            let k = lab.kernel_md5("/dev/drbd0", block, n);
+            assert!(
+                eventually(Duration::from_secs(10), || lab.our_md5(block, n) == k),
+                "protocol {proto}: our blocks {block}..+{n} never became the kernel's {k}"
+            );
+        }
+        // Our node Primary, writes through NBD.
+        lab.kernel_adm("secondary");
+        lab.adm_ok(&["primary", "r0"]);
+        for (block, n) in [(500 + i * 100, 4u64), (3500 + i * 100, 1)] {
+            let data: Vec<u8> = (block..block + n)
+                .flat_map(|b| stamped_block(b, 20 + i))
+                .collect();
+            nbd_write(&lab, block, &data);
+            let want = md5_bytes(&data);
+            assert!(
+                eventually(Duration::from_secs(10), || lab
+                    .kernel_md5("/dev/vda", block, n)
+                    == want),
+                "protocol {proto}: kernel blocks {block}..+{n} never got our write"
+            );
+        }
+        lab.wait_in_sync(30);
+        lab.assert_same_data();
+        windows.push((proto, t0, now()));
+    }
+    let cap = lab.finish();
+    for (proto, t0, t1) in windows {
+        let recv = cap.count(P_RECV_ACK, None, Some(t0), Some(t1));
+        let write = cap.count(P_WRITE_ACK, None, Some(t0), Some(t1));
+        let (want_recv, want_write) = match proto {
+            'A' => (false, false),
+            _ => (true, false),
+        };
+        assert_eq!(
+            (recv > 0, write > 0),
+            (want_recv, want_write),
+            "protocol {proto}: {recv} P_RECV_ACK, {write} P_WRITE_ACK; {}",
+            cap.summary()
+        );
+    }
+}
+
+/// Scenario 9b: the kernel Primary discards a region of its device (busybox `blkdiscard`,
+/// which has no `-z`; busybox `fallocate` has no `-z` either) and writes zeroes with `dd`:
+/// our disk reads zeroes there.
+#[test]
+fn kernel_discard_and_zeroes_reach_our_disk() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = kernel_primary_in_sync();
+    let zero = |n: u64| md5_bytes(&vec![0u8; (n * 4096) as usize]);
+    // blkdiscard (BLKDISCARD) on 1 MiB at 4 MiB (block 1024): the kernel sends it as P_TRIM
+    // (the peers agreed on TRIM) and our node zeroes the range. The VM's own disk keeps its
+    // old data there (QEMU's default `discard=ignore`), so the kernel then writes zeroes over
+    // the range too, to make both data areas equal again.
+    let r = lab.rpc("blkdiscard -o 4194304 -l 1048576 /dev/drbd0; echo rc=$?");
+    assert!(
+        r.stdout.contains("rc=0"),
+        "blkdiscard: {}{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || lab.our_md5(1024, 256)
+            == zero(256)),
+        "after the kernel's blkdiscard our blocks 1024..+256 are not zeroes\n{}",
+        lab.log()
+    );
+    lab.rpc_ok(
+        "dd if=/dev/zero of=/dev/drbd0 bs=1M count=1 seek=4 oflag=direct conv=notrunc 2>/dev/null",
+    );
+    assert_eq!(lab.kernel_md5("/dev/drbd0", 1024, 256), zero(256));
+    // Write-zeroes the portable way: 64 KiB of zeroes at block 2000 and the last block.
+    let last = lab.kernel_data_blocks() - 1;
+    for (block, n) in [(2000u64, 16u64), (last, 1)] {
+        lab.rpc_ok(&format!(
+            "dd if=/dev/zero of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
+        ));
+        assert_eq!(lab.kernel_md5("/dev/drbd0", block, n), zero(n));
+        assert_eq!(
+            lab.our_md5(block, n),
+            zero(n),
+            "our blocks {block}..+{n} after the kernel wrote zeroes"
+        );
+    }
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert!(
+        cap.count(P_TRIM, Some(KERNEL_IP), None, None) > 0,
+        "no P_TRIM from the kernel: {}",
+        cap.summary()
+    );
+}
+
+/// Scenario 9c: `down` on one node while connected makes the other wait for it
+/// (WFConnection, not StandAlone), and they reconnect when it comes back up: the kernel
+/// first, then ours.
+#[test]
+fn down_on_one_side_leaves_the_other_waiting() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = kernel_primary_in_sync();
+    lab.kernel_adm("secondary");
+    // The kernel goes down.
+    let lmark = lab.log_mark();
+    lab.kernel_adm("down");
+    lab.wait_ours("WFConnection", Duration::from_secs(30), |l| {
+        waiting(&l.cstate())
+    });
+    for _ in 0..30 {
+        let cs = lab.cstate();
+        assert!(
+            waiting(&cs),
+            "ours after the kernel's down: {cs}\n{}",
+            lab.log_since(lmark)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    lab.kernel_adm("up");
+    lab.wait_in_sync(60);
+    // Ours goes down.
+    let dmark = lab.dmesg_mark();
+    lab.adm_ok(&["down", "r0"]);
+    lab.kernel_wait("cs:WFConnection", 30);
+    std::thread::sleep(Duration::from_secs(3));
+    let st = lab.kernel_state();
+    assert!(
+        st.contains("cs:WFConnection"),
+        "kernel after our down: {st}\n{}",
+        lab.dmesg_since(dmark)
+    );
+    lab.adm_ok(&["up", "r0"]);
+    lab.wait_in_sync(60);
+    lab.assert_same_data();
+    let _ = lab.finish();
+}
