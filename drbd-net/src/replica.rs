@@ -56,6 +56,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Session events buffered between the transport and the actor. Small on purpose: when the
 /// actor does not take peer writes (max-buffers reached), the transport stops reading.
 const EVENT_QUEUE: usize = 64;
+/// How long the sockets of a connection this node drops stay open, so that the peer can
+/// process what it was sent last.
+const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
 /// Payload bytes queued for the peer beyond which the actor stops taking new application
 /// requests (back-pressure towards the application instead of unbounded queueing).
 const OUTBOX_HIGH_BYTES: usize = 16 << 20;
@@ -253,6 +256,7 @@ impl Replica {
             .map_err(StartError::Other)?;
         let (status_tx, status_rx) = watch::channel(dev.status());
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
+        let (restart_tx, restart_rx) = mpsc::unbounded_channel();
         let size_bytes = sectors * 512;
         let mut actor = Actor {
             name: cfg.name.clone(),
@@ -272,7 +276,8 @@ impl Replica {
             session: None,
             hello: Arc::new(Mutex::new(HelloSlot::default())),
             outbox_bytes: Arc::new(AtomicUsize::new(0)),
-            restart_pending: false,
+            restart_tx,
+            restart_rx: Some(restart_rx),
             pending_detach: None,
             cfg: cfg.clone(),
             shutting_down: None,
@@ -577,8 +582,9 @@ struct Actor {
     session: Option<NetSession>,
     hello: Arc<Mutex<HelloSlot>>,
     outbox_bytes: Arc<AtomicUsize>,
-    /// A dropped connection is to be started again (after the old one closed).
-    restart_pending: bool,
+    /// A dropped connection that is to be started again reports here once it is closed.
+    restart_tx: mpsc::UnboundedSender<()>,
+    restart_rx: Option<mpsc::UnboundedReceiver<()>>,
     /// A `detach` waiting for the local I/O in flight.
     pending_detach: Option<oneshot::Sender<Result<(), AdminError>>>,
     /// The volume's configuration (re-read metadata on `attach`).
@@ -592,6 +598,10 @@ impl Actor {
     }
 
     async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>, mut completions: CompletionReceiver) {
+        let mut restart = self
+            .restart_rx
+            .take()
+            .expect("the actor runs once with its restart channel");
         let mut tick = tokio::time::interval(RESYNC_STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -609,6 +619,14 @@ impl Actor {
                     None => self.begin_shutdown(None),
                 },
                 ev = next_event(&mut self.session), if receive => self.session_event(ev).await,
+                Some(()) = restart.recv(), if self.shutting_down.is_none() => {
+                    // The dropped connection is closed: connect again.
+                    if self.session.is_none() {
+                        if let Err(e) = self.start_session().await {
+                            tracing::error!(resource = %self.name, "cannot restart the connection: {e}");
+                        }
+                    }
+                }
                 _ = tick.tick() => {
                     let now = self.now();
                     self.dev.tick(now);
@@ -623,15 +641,6 @@ impl Actor {
                 }
                 if let Some(reply) = self.pending_detach.take() {
                     let _ = reply.send(r);
-                }
-                self.drain_actions();
-            }
-            if self.restart_pending && self.shutting_down.is_none() {
-                self.restart_pending = false;
-                // Give the old listener a moment to close before binding again.
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if let Err(e) = self.start_session().await {
-                    tracing::error!(resource = %self.name, "cannot restart the connection: {e}");
                 }
                 self.drain_actions();
             }
@@ -857,13 +866,19 @@ impl Actor {
                 Action::Disconnect { reason, retry } => {
                     tracing::warn!(resource = %self.name, "dropping the connection: {reason}");
                     if let Some(s) = self.session.take() {
-                        // The transport ends the connection; with `retry` a new one starts
-                        // (the device state says WFConnection again).
-                        let restart = retry;
-                        tokio::spawn(async move { s.conn.disconnect().await });
-                        if restart {
-                            self.restart_pending = true;
-                        }
+                        // The sockets stay open for a moment: the peer must get to process
+                        // what it was sent (a kernel peer decides a split brain from our
+                        // P_UUIDS/P_STATE, and a socket closed at once makes it see a
+                        // network failure instead and retry for good). Then the transport
+                        // ends the connection; with `retry` a new one starts.
+                        let restart = self.restart_tx.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(DISCONNECT_LINGER).await;
+                            s.conn.disconnect().await;
+                            if retry {
+                                let _ = restart.send(());
+                            }
+                        });
                     }
                 }
                 Action::Log(line) => tracing::info!(resource = %self.name, "{line}"),

@@ -702,3 +702,152 @@ fn down_on_one_side_leaves_the_other_waiting() {
     lab.assert_same_data();
     let _ = lab.finish();
 }
+/// Split brain: from Connected (kernel Primary, ours Secondary), both disconnect, both are
+/// Primary (or only the survivor), each writes its own blocks; at the reconnection both detect
+/// the split brain and go StandAlone. `survivor` ("kernel" or "ours") keeps its data: the
+/// other one is demoted and reconnects with `--discard-my-data`; afterwards both disks equal
+/// the survivor's.
+fn split_brain_round(lab: &mut Lab, survivor: &str, round: u64, both_primary: bool) {
+    // Both StandAlone.
+    lab.kernel_adm("disconnect");
+    lab.kernel_wait("cs:StandAlone", 30);
+    lab.adm_ok(&["disconnect", "r0"]);
+    lab.wait_ours("StandAlone", Duration::from_secs(30), |l| {
+        l.cstate() == "StandAlone"
+    });
+    // Both Primary.
+    if !lab.kernel_state().contains("ro:Primary") {
+        lab.kernel_adm("primary");
+    }
+    if !lab.role().starts_with("Primary") {
+        lab.adm_ok(&["primary", "r0"]);
+    }
+    lab.kernel_wait("ro:Primary/Unknown", 10);
+    assert!(lab.role().starts_with("Primary"), "ours: {}", lab.role());
+    // Different blocks on each: the kernel 100..104 + 3000, ours 200..204 + 3001.
+    let k_blocks = [(100 + round * 10, 4u64), (3000 + round * 10, 1)];
+    let o_blocks = [(200 + round * 10, 4u64), (3001 + round * 10, 1)];
+    for (block, n) in k_blocks {
+        lab.rpc_ok(&format!(
+            "dd if=/dev/urandom of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
+        ));
+    }
+    for (block, n) in o_blocks {
+        let data: Vec<u8> = (block..block + n)
+            .flat_map(|b| stamped_block(b, 100 + round))
+            .collect();
+        nbd_write(lab, block, &data);
+    }
+    // The survivor's view of all written regions, before the reconnection.
+    let regions: Vec<(u64, u64)> = k_blocks.iter().chain(&o_blocks).copied().collect();
+    let survivor_md5: Vec<String> = regions
+        .iter()
+        .map(|&(b, n)| {
+            if survivor == "kernel" {
+                lab.kernel_md5("/dev/drbd0", b, n)
+            } else {
+                lab.our_md5(b, n)
+            }
+        })
+        .collect();
+    // With `both_primary` false the victim is demoted before the reconnection: the data
+    // still diverged, so it is a split brain all the same (after-sb-1pri disconnect).
+    if !both_primary {
+        if survivor == "kernel" {
+            lab.adm_ok(&["secondary", "r0"]);
+        } else {
+            lab.kernel_adm("secondary");
+        }
+    }
+    // Reconnect: split brain on both sides.
+    let dmark = lab.dmesg_mark();
+    let lmark = lab.log_mark();
+    lab.kernel_adm("connect");
+    lab.adm_ok(&["connect", "r0"]);
+    lab.kernel_wait("cs:StandAlone", 60);
+    lab.wait_ours("StandAlone", Duration::from_secs(60), |l| {
+        l.cstate() == "StandAlone"
+    });
+    let dmesg = lab.dmesg_since(dmark);
+    let log = lab.log_since(lmark);
+    assert!(
+        dmesg.contains("Split-Brain detected"),
+        "kernel dmesg lacks 'Split-Brain detected':\n{dmesg}\nour log:\n{log}"
+    );
+    assert!(
+        log.contains("Split-Brain detected but unresolved"),
+        "our log lacks 'Split-Brain detected but unresolved':\n{log}\nkernel:\n{dmesg}"
+    );
+    // Nobody retries.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(lab.cstate(), "StandAlone");
+    assert!(lab.kernel_state().contains("cs:StandAlone"));
+    // Recovery.
+    let dmark = lab.dmesg_mark();
+    let lmark = lab.log_mark();
+    if survivor == "kernel" {
+        lab.adm_ok(&["secondary", "r0"]);
+        lab.adm_ok(&["connect", "--discard-my-data", "r0"]);
+        lab.kernel_adm("connect");
+    } else {
+        lab.kernel_adm("secondary");
+        lab.kernel_adm("connect --discard-my-data");
+        lab.adm_ok(&["connect", "r0"]);
+    }
+    lab.wait_in_sync(60);
+    let dmesg = lab.dmesg_since(dmark);
+    let log = lab.log_since(lmark);
+    let kernel_role = if survivor == "kernel" {
+        "SyncSource"
+    } else {
+        "SyncTarget"
+    };
+    assert!(
+        dmesg.contains(&format!("Began resync as {kernel_role}")),
+        "kernel dmesg:\n{dmesg}\nour log:\n{log}"
+    );
+    for (&(b, n), want) in regions.iter().zip(&survivor_md5) {
+        // The backing disk: a Secondary's /dev/drbd0 cannot be opened in 8.4.
+        assert_eq!(
+            &lab.kernel_md5("/dev/vda", b, n),
+            want,
+            "kernel blocks {b}..+{n} after recovery (survivor {survivor})"
+        );
+        assert_eq!(
+            &lab.our_md5(b, n),
+            want,
+            "our blocks {b}..+{n} after recovery (survivor {survivor})"
+        );
+    }
+    lab.assert_same_data();
+}
+
+/// Scenario 8: split brain with both nodes Primary; resolved with `--discard-my-data` on our
+/// side (the kernel survives), then, in a second split brain, on the kernel's side.
+#[test]
+fn split_brain_detected_and_resolved_by_discard_my_data() {
+    if lab_skip() {
+        return;
+    }
+    split_brain_test(true);
+}
+
+/// Scenario 8 with the victim demoted before the reconnection (one Primary, diverged data).
+#[test]
+fn split_brain_one_primary_resolved_by_discard_my_data() {
+    if lab_skip() {
+        return;
+    }
+    split_brain_test(false);
+}
+
+fn split_brain_test(both_primary: bool) {
+    let mut lab = kernel_primary_in_sync();
+    split_brain_round(&mut lab, "kernel", 0, both_primary);
+    lab.kernel_wait("ro:Primary/Secondary", 10);
+    assert_eq!(lab.role(), "Secondary/Primary");
+    split_brain_round(&mut lab, "ours", 1, both_primary);
+    lab.kernel_wait("ro:Secondary/Primary", 10);
+    assert_eq!(lab.role(), "Primary/Secondary");
+    let _ = lab.finish();
+}

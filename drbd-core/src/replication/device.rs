@@ -1622,19 +1622,23 @@ impl Device {
             );
             return;
         }
-        if self.role == Role::Primary && self.peer_role == Role::Primary && !self.cfg.two_primaries
+        self.log(format!(
+            "connected: protocol {} features 0x{:x}",
+            self.protocol_version, self.features
+        ));
+        // The sync handshake comes first, as in DRBD's `receive_state`: two Primaries whose
+        // data diverged are a split brain (after-sb-2pri decides), not a role conflict.
+        self.sync_handshake(hello.discard_my_data);
+        if self.connected
+            && self.role == Role::Primary
+            && self.peer_role == Role::Primary
+            && !self.cfg.two_primaries
         {
             self.lose_connection(
                 "both nodes are Primary and allow-two-primaries is not set",
                 false,
             );
-            return;
         }
-        self.log(format!(
-            "connected: protocol {} features 0x{:x}",
-            self.protocol_version, self.features
-        ));
-        self.sync_handshake(hello.discard_my_data);
     }
 
     /// Runs the UUID comparison and acts on it (after connecting, or when the peer's data
