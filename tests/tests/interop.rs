@@ -851,3 +851,27 @@ fn split_brain_test(both_primary: bool) {
     assert_eq!(lab.role(), "Primary/Secondary");
     let _ = lab.finish();
 }
+
+/// Scenario 9: the kernel Primary detaches its disk and keeps working Diskless, reading and
+/// writing through our node (P_DATA_REQUEST / P_DATA_REPLY, and P_DATA that we mark out of
+/// sync for its disk). (Its re-attach while connected does not complete yet: see the
+/// closing note of the interop issue.)
+#[test]
+fn diskless_kernel_primary_reads_and_writes_through_ours() {
+    if lab_skip() {
+        return;
+    }
+    let mut lab = kernel_primary_in_sync();
+    lab.kernel_adm("detach");
+    lab.kernel_wait("ds:Diskless/UpToDate", 30);
+    // Reads through us: what the kernel reads is what our disk holds.
+    assert_eq!(lab.kernel_md5("/dev/drbd0", 256, 64), lab.our_md5(256, 64));
+    // Writes through us land on our disk.
+    lab.rpc_ok(
+        "dd if=/dev/urandom of=/dev/drbd0 bs=4k count=8 seek=512 oflag=direct conv=notrunc 2>/dev/null",
+    );
+    assert_eq!(lab.kernel_md5("/dev/drbd0", 512, 8), lab.our_md5(512, 8));
+    // Our node holds the only copy of those writes: they are out of sync for the kernel.
+    assert_eq!(lab.dstate(), "UpToDate/Diskless");
+    let _ = lab.finish();
+}
