@@ -1238,14 +1238,16 @@ impl Device {
         let r = self.reqs.get_mut(&id).expect("exists");
         let (sector, sectors) = (r.sector, r.sectors);
         let len = (sectors * 512) as u32;
+        // Protocol B asks the peer for P_RECV_ACK, C for P_WRITE_ACK (apv >= 100: the sender
+        // says which).
+        let ack_flag = match proto {
+            Protocol::A => 0,
+            Protocol::B => dp::SEND_RECEIVE_ACK,
+            Protocol::C => dp::SEND_WRITE_ACK,
+        };
         let (disk_op, msg) = match &r.kind {
             ReqKind::Write { data, fua } => {
-                let mut flags = if *fua { dp::FUA } else { 0 };
-                flags |= match proto {
-                    Protocol::A => 0,
-                    Protocol::B => dp::SEND_RECEIVE_ACK,
-                    Protocol::C => dp::SEND_WRITE_ACK,
-                };
+                let flags = if *fua { dp::FUA } else { 0 } | ack_flag;
                 (
                     DiskOp::Write {
                         sector,
@@ -1255,8 +1257,14 @@ impl Device {
                     (data.clone(), flags),
                 )
             }
-            ReqKind::Discard => (DiskOp::Discard { sector, len }, (Bytes::new(), dp::DISCARD)),
-            ReqKind::Zeroes => (DiskOp::Zeroes { sector, len }, (Bytes::new(), dp::ZEROES)),
+            ReqKind::Discard => (
+                DiskOp::Discard { sector, len },
+                (Bytes::new(), dp::DISCARD | ack_flag),
+            ),
+            ReqKind::Zeroes => (
+                DiskOp::Zeroes { sector, len },
+                (Bytes::new(), dp::ZEROES | ack_flag),
+            ),
             _ => unreachable!("issue_write on a non-write"),
         };
         if replicate {
@@ -1266,7 +1274,7 @@ impl Device {
             r.net_pending = proto != Protocol::A;
             r.net_ok = proto == Protocol::A;
             r.in_tl = true;
-            let (data, mut flags) = msg;
+            let (data, flags) = msg;
             let m = if matches!(r.kind, ReqKind::Write { .. }) {
                 PeerMsg::Data {
                     sector,
@@ -1276,11 +1284,6 @@ impl Device {
                     data,
                 }
             } else {
-                flags |= match proto {
-                    Protocol::A => 0,
-                    Protocol::B => dp::SEND_RECEIVE_ACK,
-                    Protocol::C => dp::SEND_WRITE_ACK,
-                };
                 PeerMsg::Trim {
                     sector,
                     block_id: id,
@@ -1587,15 +1590,7 @@ impl Device {
         self.peer_user_isp = hello.state.user_isp;
         self.last_state_sent = Some(sent.state);
         self.recv_epochs.clear();
-        self.next_recv_epoch += 1;
-        self.recv_epochs.push_back(RecvEpoch {
-            id: self.next_recv_epoch,
-            barrier: None,
-            writes: 0,
-            pending: 0,
-            flushing: false,
-            flushed: false,
-        });
+        self.open_recv_epoch();
         self.conn = ConnState::WfReportParams;
         // Only the data generation and the role matter: the bitmap weight sent in P_UUIDS is
         // informational, and writes during the handshake go into the bitmap that is
@@ -1938,15 +1933,7 @@ impl Device {
                     .back_mut()
                     .ok_or_else(|| ProtocolError("barrier without epoch".into()))?;
                 e.barrier = Some(nr);
-                self.next_recv_epoch += 1;
-                self.recv_epochs.push_back(RecvEpoch {
-                    id: self.next_recv_epoch,
-                    barrier: None,
-                    writes: 0,
-                    pending: 0,
-                    flushing: false,
-                    flushed: false,
-                });
+                self.open_recv_epoch();
                 self.finish_recv_epochs();
                 Ok(())
             }
@@ -2545,6 +2532,19 @@ impl Device {
         }
         self.note_resync_progress();
         self.maybe_finish_target();
+    }
+
+    /// Starts a new receive epoch (after the handshake and after each `P_BARRIER`).
+    fn open_recv_epoch(&mut self) {
+        self.next_recv_epoch += 1;
+        self.recv_epochs.push_back(RecvEpoch {
+            id: self.next_recv_epoch,
+            barrier: None,
+            writes: 0,
+            pending: 0,
+            flushing: false,
+            flushed: false,
+        });
     }
 
     /// Acknowledges finished receive epochs in order (flushing first when configured).
