@@ -196,6 +196,15 @@ fn read_metadata(cfg: &ReplicaConfig) -> Result<Attached, StartError> {
     })
 }
 
+/// A completed read buffer, handed out as [`Bytes`] (the engine filled exactly `len` bytes).
+struct ReadBuf(AlignedBuf);
+
+impl AsRef<[u8]> for ReadBuf {
+    fn as_ref(&self) -> &[u8] {
+        self.0.as_slice()
+    }
+}
+
 /// The device's view of what attaching read.
 fn local_disk(a: Attached) -> LocalDisk {
     LocalDisk {
@@ -339,11 +348,7 @@ impl Replica {
 
     /// One application request of at most 1 MiB.
     pub async fn submit(&self, sector: u64, op: AppOp) -> Result<Option<Bytes>, IoError> {
-        let (reply, rx) = oneshot::channel();
-        self.cmds
-            .send(Cmd::Io { sector, op, reply })
-            .await
-            .map_err(|_| IoError::Disk)?;
+        let rx = self.send_io(sector, op).await?;
         rx.await.map_err(|_| IoError::Disk)?
     }
 
@@ -946,38 +951,23 @@ impl Actor {
     }
 
     fn disk_op(&mut self, io: u64, op: CoreOp) {
-        let (read_len, disk_op) = match op {
-            CoreOp::Read { sector, len } => {
-                let id = self.op_id(OpFor::Data {
-                    io,
-                    read_len: Some(len),
-                });
-                (
-                    Some(len),
-                    DiskOp::read(id, sector * 512, AlignedBuf::zeroed(len as usize)),
-                )
-            }
-            CoreOp::Write { sector, data, fua } => {
-                let id = self.op_id(OpFor::Data { io, read_len: None });
-                (
-                    None,
-                    DiskOp::write(id, sector * 512, AlignedBuf::from_slice(&data), fua),
-                )
-            }
-            CoreOp::Flush => {
-                let id = self.op_id(OpFor::Data { io, read_len: None });
-                (None, DiskOp::flush(id))
-            }
-            CoreOp::Discard { sector, len } => {
-                let id = self.op_id(OpFor::Data { io, read_len: None });
-                (None, DiskOp::discard(id, sector * 512, len))
-            }
-            CoreOp::Zeroes { sector, len } => {
-                let id = self.op_id(OpFor::Data { io, read_len: None });
-                (None, DiskOp::write_zeroes(id, sector * 512, len))
-            }
+        let read_len = match op {
+            CoreOp::Read { len, .. } => Some(len),
+            _ => None,
         };
-        let _ = read_len;
+        let id = self.op_id(OpFor::Data { io, read_len });
+        let disk_op = match op {
+            CoreOp::Read { sector, len } => {
+                DiskOp::read(id, sector * 512, AlignedBuf::zeroed(len as usize))
+            }
+            // The one copy of a write: into a buffer aligned for O_DIRECT.
+            CoreOp::Write { sector, data, fua } => {
+                DiskOp::write(id, sector * 512, AlignedBuf::from_slice(&data), fua)
+            }
+            CoreOp::Flush => DiskOp::flush(id),
+            CoreOp::Discard { sector, len } => DiskOp::discard(id, sector * 512, len),
+            CoreOp::Zeroes { sector, len } => DiskOp::write_zeroes(id, sector * 512, len),
+        };
         self.submit(disk_op);
     }
 
@@ -993,68 +983,60 @@ impl Actor {
                 self.sb.flags = (flags & !MDF_AL_CLEAN) | keep_clean;
                 self.sb.magic = Magic::V08;
                 let block = AlignedBuf::from_slice(&self.sb.encode());
-                self.metas.insert(
-                    io,
-                    MetaProgress {
-                        left: 1,
-                        then: None,
-                        failed: false,
-                    },
-                );
-                let id = self.op_id(OpFor::Meta { io });
                 let off = self.layout.md_offset();
-                self.submit(DiskOp::write(id, off, block, true));
+                self.write_meta(io, vec![(off, block)], None);
             }
-            MetaOp::BitmapPages { pages } => self.write_pages(io, pages, None),
+            MetaOp::BitmapPages { pages } => {
+                let pages = self.page_writes(pages);
+                self.write_meta(io, pages, None);
+            }
             MetaOp::AlTransaction { pages, al } => {
                 let off = self.layout.al_offset() + al.byte_offset();
                 let block = AlignedBuf::from_slice(&al.block);
-                self.write_pages(io, pages, Some((off, block)));
+                let pages = self.page_writes(pages);
+                self.write_meta(io, pages, Some((off, block)));
             }
         }
     }
 
-    fn write_pages(
+    /// Bitmap pages (index within the bitmap area) as writes at their device offsets.
+    fn page_writes(&self, pages: Vec<(u64, Vec<u8>)>) -> Vec<(u64, AlignedBuf)> {
+        let base = self.layout.bm_offset();
+        pages
+            .into_iter()
+            .map(|(p, bytes)| (base + p * 4096, AlignedBuf::from_slice(&bytes)))
+            .collect()
+    }
+
+    /// One metadata operation: the `first` writes (concurrently), then `then` once they are
+    /// all done; completes the device's `io` after the last one.
+    fn write_meta(
         &mut self,
         io: u64,
-        pages: Vec<(u64, Vec<u8>)>,
+        first: Vec<(u64, AlignedBuf)>,
         then: Option<(u64, AlignedBuf)>,
     ) {
-        if pages.is_empty() {
-            if let Some((off, block)) = then {
-                self.metas.insert(
-                    io,
-                    MetaProgress {
-                        left: 1,
-                        then: None,
-                        failed: false,
-                    },
-                );
-                let id = self.op_id(OpFor::Meta { io });
-                self.submit(DiskOp::write(id, off, block, true));
-            } else {
-                let now = self.now();
-                self.dev.disk_done(now, io, Ok(None));
-            }
+        let (first, then) = if first.is_empty() {
+            (then.into_iter().collect::<Vec<_>>(), None)
+        } else {
+            (first, then)
+        };
+        if first.is_empty() {
+            let now = self.now();
+            self.dev.disk_done(now, io, Ok(None));
             return;
         }
         self.metas.insert(
             io,
             MetaProgress {
-                left: pages.len() as u32,
+                left: first.len() as u32,
                 then,
                 failed: false,
             },
         );
-        let base = self.layout.bm_offset();
-        for (p, bytes) in pages {
+        for (off, buf) in first {
             let id = self.op_id(OpFor::Meta { io });
-            self.submit(DiskOp::write(
-                id,
-                base + p * 4096,
-                AlignedBuf::from_slice(&bytes),
-                true,
-            ));
+            self.submit(DiskOp::write(id, off, buf, true));
         }
     }
 
@@ -1087,9 +1069,10 @@ impl Actor {
         match self.ops.remove(&c.id) {
             Some(OpFor::Data { io, read_len }) => {
                 let result = match (c.result, read_len) {
-                    (Ok(n), Some(len)) if n == len => Ok(Some(Bytes::copy_from_slice(
-                        &c.buf.as_slice()[..len as usize],
-                    ))),
+                    // The read buffer becomes the reply without a copy.
+                    (Ok(n), Some(len)) if n == len && c.buf.len() == len as usize => {
+                        Ok(Some(Bytes::from_owner(ReadBuf(c.buf))))
+                    }
                     (Ok(_), Some(_)) => Err(()),
                     (Ok(_), None) => Ok(None),
                     (Err(e), _) => {
