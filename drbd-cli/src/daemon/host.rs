@@ -232,23 +232,27 @@ impl Host {
         }
     }
 
+    /// The model of resource `name` from the configuration as it is now, with `volume`
+    /// (if given) checked to exist; the error is the response to send.
+    fn model_for(&self, name: &str, volume: Option<u32>) -> Result<ResourceModel, Response> {
+        let cfg = self.load()?;
+        let model = model_of(&cfg, name)?;
+        if let Some(n) = volume {
+            check_volume(&model, name, n)?;
+        }
+        Ok(model)
+    }
+
     async fn up(&self, name: &str, volume: Option<u32>) -> Response {
         let closed = self.lifecycle.lock().await;
         if *closed {
             return Response::error(E_OTHER, format!("{name}: drbdd is shutting down"));
         }
-        let cfg = match self.load() {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
-        let model = match model_of(&cfg, name) {
+        let model = match self.model_for(name, volume) {
             Ok(m) => m,
             Err(r) => return r,
         };
         if let Some(n) = volume {
-            if let Err(r) = check_volume(&model, name, n) {
-                return r;
-            }
             if model.volumes.len() > 1 {
                 return per_volume_unsupported(Command::Up, name, n);
             }
@@ -294,19 +298,10 @@ impl Host {
     /// The error for a request on a resource that is not up, as `drbdsetup` words it for an
     /// unconfigured minor or resource.
     fn not_up(&self, cmd: Command, name: &str, volume: Option<u32>) -> Response {
-        let cfg = match self.load() {
-            Ok(c) => c,
-            Err(r) => return r,
-        };
-        let model = match model_of(&cfg, name) {
+        let model = match self.model_for(name, volume) {
             Ok(m) => m,
             Err(r) => return r,
         };
-        if let Some(n) = volume {
-            if let Err(r) = check_volume(&model, name, n) {
-                return r;
-            }
-        }
         let hint = format!("additional info from drbdd:\nresource '{name}' is not up");
         let minor = model
             .volumes
