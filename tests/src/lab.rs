@@ -255,6 +255,7 @@ pub mod cmd {
     pub const P_STATE_CHG_REQ: u16 = 0x12;
     pub const P_PING: u16 = 0x13;
     pub const P_PING_ACK: u16 = 0x14;
+    pub const P_WRITE_ACK: u16 = 0x16;
     pub const P_RS_WRITE_ACK: u16 = 0x17;
     pub const P_CONN_ST_CHG_REQ: u16 = 0x2a;
     pub const P_RS_DATA_REPLY: u16 = 0x02;

@@ -2175,7 +2175,12 @@ impl Device {
                 self.set_peer_disk(s.disk);
                 if peer_attached {
                     // The peer attached a disk: compare its data with ours (its P_UUIDS came
-                    // just before this state).
+                    // just before this state). The attaching node dropped what it knew of our
+                    // UUIDs and compares only once it has them again: as 8.4 does on "attach
+                    // on the peer", our P_UUIDS go out before the P_STATE (and bitmap) of the
+                    // decision, or the peer would take its disk into use without a resync.
+                    let info = self.uuid_info();
+                    self.send(PeerMsg::Uuids(info));
                     self.sync_handshake(false);
                     return Ok(());
                 }
