@@ -497,6 +497,10 @@ impl Lab {
                 &self.br,
                 "-U",
                 "--immediate-mode",
+                // A large kernel buffer: a full sync at TCG speed still bursts, and a dropped
+                // segment makes the dissector lose the stream's packet boundaries.
+                "-B",
+                "32768",
                 "-s",
                 "0",
                 "-w",
@@ -653,6 +657,45 @@ impl Lab {
             r.stdout, r.stderr
         );
         r.stdout
+    }
+
+    /// Builds one of the small guest programs in `tests/guest/` (C without libc, for the
+    /// busybox-only guest) with the host's C compiler, and installs it in the VM as
+    /// `/bin/NAME`, carried as base64 in one RPC script.
+    pub fn install_guest_tool(&self, name: &str) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("guest")
+            .join(format!("{name}.c"));
+        let bin = self.dir.join(name);
+        let out = Command::new("cc")
+            .args([
+                "-Os",
+                "-static",
+                "-nostdlib",
+                "-fno-stack-protector",
+                "-fno-asynchronous-unwind-tables",
+                "-s",
+                "-o",
+            ])
+            .arg(&bin)
+            .arg(&src)
+            .output()
+            .expect("the guest tools need a C compiler (cc)");
+        assert!(
+            out.status.success(),
+            "cc {}: {}",
+            src.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let b64 = Command::new("base64")
+            .arg(&bin)
+            .output()
+            .expect("base64 (coreutils)");
+        assert!(b64.status.success(), "base64 {}", bin.display());
+        let text = String::from_utf8(b64.stdout).expect("base64 is ASCII");
+        self.rpc_ok(&format!(
+            "base64 -d > /bin/{name} <<'B64'\n{text}B64\nchmod +x /bin/{name}"
+        ));
     }
 
     /// `drbdmeta --force 0 v08 /dev/vda internal create-md` in the VM.

@@ -503,6 +503,8 @@ const P_RECV_ACK: u16 = 0x15;
 const P_WRITE_ACK: u16 = 0x16;
 /// A discard (`P_TRIM`, DRBD_FF_TRIM).
 const P_TRIM: u16 = 0x31;
+/// A write-zeroes (`P_ZEROES`, DRBD_FF_WZEROES).
+const P_ZEROES: u16 = 0x36;
 
 /// Waits until `f` returns true (polling every 100 ms) or `limit` passes; returns whether it
 /// did.
@@ -609,9 +611,9 @@ fn protocols_a_and_b_replicate_both_ways() {
     }
 }
 
-/// Scenario 9b: the kernel Primary discards a region of its device (busybox `blkdiscard`,
-/// which has no `-z`; busybox `fallocate` has no `-z` either) and writes zeroes with `dd`:
-/// our disk reads zeroes there.
+/// Scenario 9b: the kernel Primary discards a region of its device (busybox `blkdiscard`)
+/// and asks for write-zeroes (BLKZEROOUT, from `tests/guest/zeroout.c`): P_TRIM and P_ZEROES
+/// on the wire, zeroes on our disk.
 #[test]
 fn kernel_discard_and_zeroes_reach_our_disk() {
     if lab_skip() {
@@ -640,12 +642,31 @@ fn kernel_discard_and_zeroes_reach_our_disk() {
         "dd if=/dev/zero of=/dev/drbd0 bs=1M count=1 seek=4 oflag=direct conv=notrunc 2>/dev/null",
     );
     assert_eq!(lab.kernel_md5("/dev/drbd0", 1024, 256), zero(256));
-    // Write-zeroes the portable way: 64 KiB of zeroes at block 2000 and the last block.
+    // Write-zeroes (BLKZEROOUT) over data: 64 KiB at block 2000, 2 KiB inside block 3000
+    // (a partial block), and the last block.
+    lab.install_guest_tool("zeroout");
     let last = lab.kernel_data_blocks() - 1;
+    lab.rpc_ok(
+        "dd if=/dev/urandom of=/dev/drbd0 bs=4k count=1 seek=3000 oflag=direct conv=notrunc 2>/dev/null",
+    );
+    lab.rpc_ok(&format!("zeroout /dev/drbd0 {} 2048", 3000 * 4096 + 1024));
+    let mut want = lab.kernel_md5("/dev/drbd0", 3000, 1);
+    assert_eq!(
+        lab.our_md5(3000, 1),
+        want,
+        "block 3000 after a 2 KiB write-zeroes"
+    );
+    want =
+        lab.rpc_ok("dd if=/dev/drbd0 bs=1024 skip=12001 count=1 iflag=direct 2>/dev/null | md5sum");
+    assert!(
+        want.starts_with(&md5_bytes(&[0u8; 1024])),
+        "kernel's zeroed KiB: {want}"
+    );
     for (block, n) in [(2000u64, 16u64), (last, 1)] {
         lab.rpc_ok(&format!(
-            "dd if=/dev/zero of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
+            "dd if=/dev/urandom of=/dev/drbd0 bs=4k count={n} seek={block} oflag=direct conv=notrunc 2>/dev/null"
         ));
+        lab.rpc_ok(&format!("zeroout /dev/drbd0 {} {}", block * 4096, n * 4096));
         assert_eq!(lab.kernel_md5("/dev/drbd0", block, n), zero(n));
         assert_eq!(
             lab.our_md5(block, n),
@@ -658,6 +679,11 @@ fn kernel_discard_and_zeroes_reach_our_disk() {
     assert!(
         cap.count(P_TRIM, Some(KERNEL_IP), None, None) > 0,
         "no P_TRIM from the kernel: {}",
+        cap.summary()
+    );
+    assert!(
+        cap.count(P_ZEROES, Some(KERNEL_IP), None, None) >= 3,
+        "no P_ZEROES from the kernel: {}",
         cap.summary()
     );
 }
