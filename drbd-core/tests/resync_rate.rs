@@ -13,7 +13,7 @@ use drbd_core::replication::bitmap::DirtyBitmap;
 use drbd_core::replication::device::{
     Action, AppOp, Device, DeviceConfig, DiskOp, LocalDisk, ResyncRate, RESYNC_STEP,
 };
-use drbd_core::replication::msg::{PeerHello, PeerMsg};
+use drbd_core::replication::msg::PeerMsg;
 use drbd_core::replication::status::AdminRequest;
 use drbd_core::state::ConnState;
 use drbd_core::uuid::GenerationUuids;
@@ -100,18 +100,7 @@ fn pair(rate: ResyncRate) -> [Node; 2] {
     settle(&mut nodes, now);
     let hellos = [nodes[0].dev.local_hello(), nodes[1].dev.local_hello()];
     for i in 0..2 {
-        let h = hellos[1 - i];
-        let hello = PeerHello {
-            protocol_version: 101,
-            features: 0xf,
-            resolve_conflicts: i == 0,
-            uuids: h.uuids,
-            state: h.state,
-            disk_sectors: h.disk_sectors,
-            user_sectors: 0,
-            current_sectors: h.current_sectors,
-            discard_my_data: false,
-        };
+        let hello = hellos[1 - i].as_seen_by_peer(101, 0xf, i == 0);
         nodes[i].dev.connected(now, &hello, &hellos[i]);
     }
     settle(&mut nodes, now);

@@ -82,7 +82,7 @@ use drbd_core::replication::device::{
     Action, AppOp, Device, DeviceConfig, DiskOp, IoError, IoId, LocalDisk, LocalHello, MetaOp,
     Protocol, ReqId, ResyncRate,
 };
-use drbd_core::replication::msg::{PeerHello, PeerMsg, Socket};
+use drbd_core::replication::msg::{PeerMsg, Socket};
 use drbd_core::replication::status::AdminRequest;
 use drbd_core::state::{ConnState, DiskState, Role};
 use drbd_core::uuid::{GenerationUuids, FF_WSAME, PRO_VERSION_MAX};
@@ -1434,18 +1434,7 @@ impl Sim {
         let first = self.rng.below(2) as usize;
         let now = self.now;
         for n in [first, 1 - first] {
-            let h = &hello[1 - n];
-            let peer = PeerHello {
-                protocol_version: PRO_VERSION_MAX,
-                features: FF_WSAME | 1,
-                resolve_conflicts: n == resolver,
-                uuids: h.uuids,
-                state: h.state,
-                disk_sectors: h.disk_sectors,
-                user_sectors: 0,
-                current_sectors: h.current_sectors,
-                discard_my_data: h.discard_my_data,
-            };
+            let peer = hello[1 - n].as_seen_by_peer(PRO_VERSION_MAX, FF_WSAME | 1, n == resolver);
             self.nodes[n]
                 .dev
                 .as_mut()

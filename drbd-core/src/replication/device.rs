@@ -54,7 +54,9 @@ use crate::meta::flags::{
 };
 use crate::replication::activity_log::{ActivityLog, AlDecision, AlWrite, BeginIoError};
 use crate::replication::bitmap::{DirtyBitmap, SECTORS_PER_BIT};
-use crate::replication::msg::{dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, ID_SYNCER};
+use crate::replication::msg::{
+    dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_SYNCER,
+};
 use crate::replication::status::{
     AdminError, AdminRequest, ResyncProgress, StateRefusal, VolumeStatus,
 };
@@ -76,6 +78,12 @@ const RS_EXTENT_SECTORS: u64 = (16 << 20) / 512;
 pub const RESYNC_STEP: Duration = Duration::from_millis(100);
 /// Most application requests in flight at once in one device; the runtime keeps below it.
 pub const MAX_APP_REQUESTS: usize = 1 << 16;
+
+/// allow-two-primaries: how long a write from the peer may wait for the ack that precedes it
+/// in the peer's sequence. The ack was sent before the write, on the other socket, so only a
+/// stalled meta socket delays it (8.4 waits a ping-timeout; this is more forgiving of a
+/// loaded runtime, and the keep-alive catches a dead socket anyway).
+pub const SEQ_WAIT_LIMIT: Duration = Duration::from_secs(5);
 /// Most plan slots of the resync controller (`c-plan-ahead` is at most 300 steps).
 const MAX_PLAN_STEPS: usize = 300;
 
@@ -272,6 +280,30 @@ pub struct LocalHello {
     pub discard_my_data: bool,
 }
 
+impl LocalHello {
+    /// What the peer learns from this hello in a handshake that agreed on
+    /// `protocol_version` and `features`, where the peer holds `RESOLVE_CONFLICTS` when
+    /// `peer_resolves` (for embedding the core without the wire, as the simulations do).
+    pub fn as_seen_by_peer(
+        &self,
+        protocol_version: u32,
+        features: u32,
+        peer_resolves: bool,
+    ) -> PeerHello {
+        PeerHello {
+            protocol_version,
+            features,
+            resolve_conflicts: peer_resolves,
+            uuids: self.uuids,
+            state: self.state,
+            disk_sectors: self.disk_sectors,
+            user_sectors: 0,
+            current_sectors: self.current_sectors,
+            discard_my_data: self.discard_my_data,
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 
 #[derive(Debug)]
@@ -287,8 +319,19 @@ struct Request {
     local_ok: bool,
     net_pending: bool,
     net_ok: bool,
-    /// In the transfer log (sent, epoch not yet acknowledged).
-    in_tl: bool,
+    /// Epochs of the transfer log holding this write (sent, epoch not yet acknowledged):
+    /// more than one when a write was sent again after a `P_RETRY_WRITE`.
+    tl_refs: u32,
+    /// The epoch the write was last sent in.
+    epoch_nr: u32,
+    /// A write that has started (it passed [`Device::may_start`]): it takes part in conflict
+    /// detection until it completes.
+    active: bool,
+    /// Sent to the peer (or, unreplicated, issued to the disk) at least once.
+    issued: bool,
+    /// The peer answered `P_RETRY_WRITE`: it is sent again (and written again locally)
+    /// once the peer's conflicting write has been applied here.
+    postponed: bool,
     completed: bool,
     /// Read data, for reads.
     data: Option<Bytes>,
@@ -339,6 +382,9 @@ struct PeerWrite {
     epoch: Option<u64>,
     /// Connection generation it arrived on.
     conn_gen: u64,
+    /// allow-two-primaries: applied over local writes the peer told us to send again; they
+    /// are sent again once this write is done.
+    restart: bool,
 }
 
 #[derive(Debug)]
@@ -349,6 +395,21 @@ struct RecvEpoch {
     pending: u32,
     flushing: bool,
     flushed: bool,
+}
+
+/// How a peer write relates to the local writes to its blocks (allow-two-primaries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conflict {
+    /// No unfinished local write to its blocks: apply it.
+    None,
+    /// Wait until the local writes are decided or finished.
+    Wait,
+    /// Apply it, then send the postponed local writes to its blocks again.
+    Restart,
+    /// Resolving node: a local write covers it; answer `P_SUPERSEDED`.
+    Superseded,
+    /// Resolving node: answer `P_RETRY_WRITE`.
+    Retry,
 }
 
 /// A read for the peer (data request or resync request).
@@ -484,11 +545,30 @@ pub struct Device {
     peer_user_isp: bool,
     discard_my_data: bool,
     packet_seq: u32,
+    /// allow-two-primaries, resolving node: the highest sequence number seen from the peer
+    /// (its data packets and acks share one counter).
+    peer_seq: u32,
+    /// allow-two-primaries, resolving node: data-socket messages held back because a write
+    /// arrived before the peer's ack that precedes it (on the other socket); bounded by
+    /// `max-buffers`.
+    seq_held: VecDeque<PeerMsg>,
+    /// When the oldest held message arrived.
+    seq_held_since: Duration,
     last_state_sent: Option<PeerState>,
 
     // Application requests.
     reqs: HashMap<ReqId, Request>,
+    /// Active writes ([`Request::active`]) by (first sector, id) -> sectors: the local side of
+    /// conflict detection.
+    active_writes: BTreeMap<(u64, ReqId), u64>,
     waiting: VecDeque<ReqId>,
+    /// [`Device::retry_waiting`] is running; `retry_again`: a nested call asked for another
+    /// round.
+    retrying: bool,
+    retry_again: bool,
+    /// [`Device::pump_peer_writes`] is running; `pump_again`: likewise.
+    pumping: bool,
+    pump_again: bool,
     /// Superblock writes that application writes must wait for.
     md_gate: u32,
 
@@ -555,6 +635,27 @@ fn sectors_of(len: u32) -> u64 {
     u64::from(len) / 512
 }
 
+/// `a` is later than `b` in a wrapping 32-bit sequence (8.4's `seq_greater`).
+fn seq_greater(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
+/// The sequence number a message carries, if any.
+fn seq_of(msg: &PeerMsg) -> Option<u32> {
+    match msg {
+        PeerMsg::Data { seq, .. } | PeerMsg::Trim { seq, .. } => Some(*seq),
+        PeerMsg::RecvAck(a)
+        | PeerMsg::WriteAck(a)
+        | PeerMsg::RsWriteAck(a)
+        | PeerMsg::NegAck(a)
+        | PeerMsg::NegDReply(a)
+        | PeerMsg::NegRsDReply(a)
+        | PeerMsg::Superseded(a)
+        | PeerMsg::RetryWrite(a) => Some(a.seq),
+        _ => None,
+    }
+}
+
 fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
     a.0 < b.0 + b.1 && b.0 < a.0 + a.1
 }
@@ -618,8 +719,16 @@ impl Device {
             peer_user_isp: false,
             discard_my_data: false,
             packet_seq: 0,
+            peer_seq: 0,
+            seq_held: VecDeque::new(),
+            seq_held_since: Duration::ZERO,
             last_state_sent: None,
             reqs: HashMap::new(),
+            active_writes: BTreeMap::new(),
+            retrying: false,
+            retry_again: false,
+            pumping: false,
+            pump_again: false,
             waiting: VecDeque::new(),
             md_gate: 0,
             tl: VecDeque::new(),
@@ -1071,7 +1180,11 @@ impl Device {
                 local_ok: false,
                 net_pending: false,
                 net_ok: false,
-                in_tl: false,
+                tl_refs: 0,
+                epoch_nr: 0,
+                active: false,
+                issued: false,
+                postponed: false,
                 completed: false,
                 data: None,
                 flush_barrier: None,
@@ -1095,13 +1208,75 @@ impl Device {
         }
         // A write waits for resync reads of its blocks in flight.
         let range = (r.sector, r.sectors);
-        !self
+        if self
             .peer_reads_in_flight
             .values()
             .any(|&(s, n)| overlaps(range, (s, n)))
+        {
+            return false;
+        }
+        // ... and for every unfinished write to its blocks, local or from the peer (8.4's
+        // `complete_conflicting_writes`): the disk may reorder overlapping writes in flight,
+        // and both replicas must end with the same one.
+        let local = self.overlapping_active(range).any(|other| other != id);
+        let peer = self
+            .peer_writes_in_flight
+            .values()
+            .any(|&other| overlaps(range, other))
+            || self
+                .peer_waiting
+                .iter()
+                .any(|w| overlaps(range, (w.sector, w.sectors)));
+        !local && !peer
+    }
+
+    /// The active writes overlapping `range`.
+    fn overlapping_active(&self, range: (u64, u64)) -> impl Iterator<Item = ReqId> + '_ {
+        let max = u64::from(MAX_REQUEST_BYTES) / 512;
+        let from = range.0.saturating_sub(max - 1);
+        self.active_writes
+            .range((from, 0)..(range.0 + range.1, 0))
+            .filter(move |(&(s, _), &n)| overlaps(range, (s, n)))
+            .map(|(&(_, id), _)| id)
+    }
+
+    /// A write starts: it takes part in conflict detection until it completes.
+    fn activate(&mut self, id: ReqId) {
+        let r = self.reqs.get_mut(&id).expect("exists");
+        if !r.active {
+            r.active = true;
+            self.active_writes.insert((r.sector, id), r.sectors);
+        }
+    }
+
+    fn deactivate(&mut self, id: ReqId) {
+        if let Some(r) = self.reqs.get_mut(&id) {
+            if r.active {
+                r.active = false;
+                self.active_writes.remove(&(r.sector, id));
+            }
+        }
     }
 
     fn retry_waiting(&mut self) {
+        // Starting a request can complete others, which retries again: the nested call only
+        // asks the outer one for another round.
+        if self.retrying {
+            self.retry_again = true;
+            return;
+        }
+        self.retrying = true;
+        loop {
+            self.retry_again = false;
+            self.retry_waiting_once();
+            if !self.retry_again {
+                break;
+            }
+        }
+        self.retrying = false;
+    }
+
+    fn retry_waiting_once(&mut self) {
         // Work on a copy: `start` puts a write the activity log cannot admit yet back into
         // `waiting`, and popping it from there again looped forever (found by tests/sim.rs).
         let mut queue = std::mem::take(&mut self.waiting);
@@ -1141,6 +1316,7 @@ impl Device {
         if !self.has_disk() && !self.replicating() {
             return self.finish_early(id, IoError::NoData);
         }
+        self.activate(id);
         if self.has_disk() {
             let (sector, sectors) = (self.reqs[&id].sector, self.reqs[&id].sectors);
             let al = self
@@ -1204,6 +1380,7 @@ impl Device {
     }
 
     fn finish_early(&mut self, id: ReqId, e: IoError) {
+        self.deactivate(id);
         self.reqs.remove(&id);
         self.actions
             .push_back(Action::Complete { id, result: Err(e) });
@@ -1236,6 +1413,7 @@ impl Device {
         let has_disk = self.has_disk();
         let proto = self.cfg.protocol;
         let r = self.reqs.get_mut(&id).expect("exists");
+        r.issued = true;
         let (sector, sectors) = (r.sector, r.sectors);
         let len = (sectors * 512) as u32;
         // Protocol B asks the peer for P_RECV_ACK, C for P_WRITE_ACK (apv >= 100: the sender
@@ -1273,7 +1451,8 @@ impl Device {
             let r = self.reqs.get_mut(&id).expect("exists");
             r.net_pending = proto != Protocol::A;
             r.net_ok = proto == Protocol::A;
-            r.in_tl = true;
+            r.tl_refs += 1;
+            r.epoch_nr = self.epoch_nr;
             let (data, flags) = msg;
             let m = if matches!(r.kind, ReqKind::Write { .. }) {
                 PeerMsg::Data {
@@ -1403,29 +1582,40 @@ impl Device {
             let is_write = r.kind.is_write();
             self.actions.push_back(Action::Complete { id, result });
             if is_write {
+                self.deactivate(id);
+                // Peer writes and local writes may have waited for this one.
+                self.pump_peer_writes();
+                if !self.waiting.is_empty() {
+                    self.retry_waiting();
+                }
                 // Later writes may depend on this one: they go into a new epoch.
                 self.close_epoch = true;
-                // When no other write is still on its way, no later write may come to close
-                // the epoch: close it now (DRBD's sender sends the barrier when it runs out
-                // of work), or the peer never acknowledges (and flushes) it and its writes
-                // stay in the transfer log for good (found by tests/sim.rs).
-                let writes_pending = self
-                    .reqs
-                    .values()
-                    .any(|r| r.kind.is_write() && !r.completed);
-                if self.connected && !writes_pending {
-                    self.close_current_epoch();
-                }
+                self.close_epoch_if_idle();
             }
         }
         self.maybe_destroy(id);
+    }
+
+    /// When no write is still on its way to the peer, no later completion may come to close
+    /// the epoch: close it now (DRBD's sender sends the barrier when it runs out of work), or
+    /// the peer never acknowledges (and flushes) it and its writes stay in the transfer log
+    /// for good (found by tests/sim.rs). A write not sent yet or postponed by the peer
+    /// closes the epoch itself when it is sent.
+    fn close_epoch_if_idle(&mut self) {
+        let on_its_way = self
+            .reqs
+            .values()
+            .any(|r| r.kind.is_write() && r.issued && !r.completed && !r.postponed);
+        if self.connected && self.close_epoch && !on_its_way {
+            self.close_current_epoch();
+        }
     }
 
     fn maybe_destroy(&mut self, id: ReqId) {
         let Some(r) = self.reqs.get(&id) else {
             return;
         };
-        if !(r.completed && !r.in_tl && r.al_io.is_none()) {
+        if !(r.completed && r.tl_refs == 0 && r.al_io.is_none()) {
             return;
         }
         let r = self.reqs.remove(&id).expect("exists");
@@ -1567,6 +1757,14 @@ impl Device {
         if !self.rs_reads_waiting.is_empty() {
             self.retry_rs_reads();
         }
+        // A peer write may wait for this write's local part (allow-two-primaries).
+        if !self.peer_waiting.is_empty() {
+            self.pump_peer_writes();
+        }
+        // A write the peer asked to send again goes once its local part is done.
+        if self.reqs.get(&id).is_some_and(|r| r.postponed) {
+            self.restart_if_ready(vec![id]);
+        }
     }
 
     // --------------------------------------------------------------------------------------
@@ -1591,6 +1789,11 @@ impl Device {
         self.last_state_sent = Some(sent.state);
         self.recv_epochs.clear();
         self.open_recv_epoch();
+        // Both sequences start over with each connection (8.4 `drbd_connected`): the
+        // resolving peer orders our writes after our acks by them.
+        self.packet_seq = 0;
+        self.peer_seq = 0;
+        self.seq_held.clear();
         self.conn = ConnState::WfReportParams;
         // Only the data generation and the role matter: the bitmap weight sent in P_UUIDS is
         // informational, and writes during the handshake go into the bitmap that is
@@ -1612,6 +1815,18 @@ impl Device {
                 &format!(
                     "the peer's disk ({} sectors) is smaller than this device ({} sectors)",
                     hello.disk_sectors, self.sectors
+                ),
+                false,
+            );
+            return;
+        }
+        if self.cfg.two_primaries && self.protocol_version < 100 {
+            // Concurrent writes of two Primaries are resolved with P_RETRY_WRITE (protocol
+            // 100): without it a partly overlapping write would be dropped on one side.
+            self.lose_connection(
+                &format!(
+                    "allow-two-primaries needs protocol version 100, the peer speaks {}",
+                    self.protocol_version
                 ),
                 false,
             );
@@ -1793,7 +2008,8 @@ impl Device {
             }
             for id in e.reqs {
                 if let Some(r) = self.reqs.get_mut(&id) {
-                    r.in_tl = false;
+                    r.tl_refs = r.tl_refs.saturating_sub(1);
+                    r.postponed = false;
                     if r.net_pending {
                         r.net_pending = false;
                     }
@@ -1823,6 +2039,10 @@ impl Device {
         self.close_epoch = false;
         self.recv_epochs.clear();
         self.rs_reads_waiting.clear();
+        // Peer writes not yet applied were not acknowledged: the peer marks them out of
+        // sync. Those waiting for a conflict decision would wait for good.
+        self.peer_waiting.clear();
+        self.seq_held.clear();
         // Unflushed resync writes were not acknowledged: their bits stay set.
         self.rs_unflushed.clear();
         self.resync = None;
@@ -1861,11 +2081,68 @@ impl Device {
         if !self.connected {
             return Ok(());
         }
-        let r = self.handle(msg);
+        let r = self.receive_in_order(msg);
         if let Err(e) = &r {
             self.lose_connection(&e.to_string(), true);
         }
         r
+    }
+
+    /// allow-two-primaries, resolving node: a write from the peer is processed only after
+    /// everything the peer sent before it, acks on the meta socket included (8.4's
+    /// `wait_for_and_update_peer_seq`), so that a write the peer issued after acknowledging
+    /// ours is not taken for a concurrent one. Data-socket messages behind a held write wait
+    /// with it.
+    fn receive_in_order(&mut self, msg: PeerMsg) -> Result<(), ProtocolError> {
+        let ordered = self.cfg.two_primaries && self.resolve_conflicts;
+        if ordered
+            && msg.socket() == Socket::Data
+            && (!self.seq_held.is_empty() || self.seq_ahead(&msg))
+        {
+            if self.seq_held.len() >= self.cfg.max_buffers as usize {
+                return Err(ProtocolError(format!(
+                    "{} data packets wait for the peer's sequence number {} (have {})",
+                    self.seq_held.len(),
+                    self.seq_held.front().map_or(0, |m| seq_of(m).unwrap_or(0)),
+                    self.peer_seq
+                )));
+            }
+            if self.seq_held.is_empty() {
+                self.seq_held_since = self.now;
+            }
+            self.seq_held.push_back(msg);
+            return Ok(());
+        }
+        self.handle(msg)?;
+        while let Some(front) = self.seq_held.front() {
+            if self.seq_ahead(front) {
+                break;
+            }
+            let m = self.seq_held.pop_front().expect("checked");
+            self.seq_held_since = self.now;
+            self.handle(m)?;
+            if !self.connected {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A write whose predecessor in the peer's sequence has not been seen yet.
+    fn seq_ahead(&self, msg: &PeerMsg) -> bool {
+        match msg {
+            PeerMsg::Data { seq, .. } | PeerMsg::Trim { seq, .. } => {
+                seq_greater(seq.wrapping_sub(1), self.peer_seq)
+            }
+            _ => false,
+        }
+    }
+
+    /// Notes a sequence number from the peer (resolving node, allow-two-primaries).
+    fn note_peer_seq(&mut self, seq: u32) {
+        if self.cfg.two_primaries && self.resolve_conflicts && seq_greater(seq, self.peer_seq) {
+            self.peer_seq = seq;
+        }
     }
 
     fn check_range(&self, sector: u64, size: u32, what: &str) -> Result<(), ProtocolError> {
@@ -1885,6 +2162,11 @@ impl Device {
     }
 
     fn handle(&mut self, msg: PeerMsg) -> Result<(), ProtocolError> {
+        if msg.socket() == Socket::Meta {
+            if let Some(seq) = seq_of(&msg) {
+                self.note_peer_seq(seq);
+            }
+        }
         match msg {
             PeerMsg::Data {
                 sector,
@@ -1955,6 +2237,38 @@ impl Device {
                     return Ok(());
                 }
                 self.write_acked(a, false)
+            }
+            PeerMsg::Superseded(a) => {
+                // The peer's concurrent write covers ours and reaches our disk after it: done.
+                self.write_acked(a, true)
+            }
+            PeerMsg::RetryWrite(a) => {
+                let r = self
+                    .reqs
+                    .get_mut(&a.block_id)
+                    .filter(|r| r.kind.is_write() && r.net_pending && r.sector == a.sector)
+                    .ok_or_else(|| {
+                        ProtocolError(format!(
+                            "P_RETRY_WRITE for unknown request {:#x}",
+                            a.block_id
+                        ))
+                    })?;
+                if !self.cfg.two_primaries {
+                    return Err(ProtocolError(
+                        "P_RETRY_WRITE without allow-two-primaries".into(),
+                    ));
+                }
+                r.postponed = true;
+                self.log(format!(
+                    "write {}s+{} postponed: the peer applies its concurrent write first",
+                    a.sector, a.size
+                ));
+                // The epoch it was sent in must reach the peer's barrier ack, which sends it
+                // again at the latest.
+                self.close_epoch = true;
+                self.close_epoch_if_idle();
+                self.pump_peer_writes();
+                Ok(())
             }
             PeerMsg::DataRequest(q) => {
                 self.check_range(q.sector, q.size, "P_DATA_REQUEST")?;
@@ -2308,16 +2622,35 @@ impl Device {
             )));
         }
         let e = self.tl.pop_front().expect("checked");
+        // A write the peer answered with P_RETRY_WRITE goes again at the latest now: the
+        // peer finished the epoch it came in, so its conflicting write is on its way (8.4
+        // restarts a postponed request when the barrier ack completes its network part).
+        let postponed: Vec<ReqId> = e
+            .reqs
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.reqs
+                    .get(id)
+                    .is_some_and(|r| r.postponed && r.epoch_nr == nr)
+            })
+            .collect();
         for id in e.reqs {
             if let Some(r) = self.reqs.get_mut(&id) {
-                r.in_tl = false;
-                if r.net_pending {
-                    // The barrier ack implies the write is on the peer's disk.
+                r.tl_refs = r.tl_refs.saturating_sub(1);
+                if r.net_pending && !r.postponed && r.epoch_nr == nr {
+                    // The barrier ack implies the write is on the peer's disk. Not so for a
+                    // write the peer answered with P_RETRY_WRITE: it counts in this epoch
+                    // but was not applied, and only its sending again (in a later epoch)
+                    // can complete it.
                     r.net_pending = false;
                     r.net_ok = true;
                 }
             }
             self.maybe_complete(id);
+        }
+        if !postponed.is_empty() {
+            self.restart_if_ready(postponed);
         }
         // Flushes waiting for this barrier.
         let mut flushes: Vec<ReqId> = self
@@ -2351,6 +2684,7 @@ impl Device {
     ) {
         let sectors = sectors_of(size);
         if !resync {
+            self.note_peer_seq(seq);
             self.received += sectors;
             if let Some(rs) = self.resync.as_mut() {
                 rs.app_sectors += sectors;
@@ -2372,19 +2706,15 @@ impl Device {
         if !self.has_disk() {
             // Nothing to write to: the peer marks the block out of sync.
             if flags & (dp::SEND_WRITE_ACK | dp::SEND_RECEIVE_ACK) != 0 || resync {
+                self.packet_seq = self.packet_seq.wrapping_add(1);
                 self.send(PeerMsg::NegAck(Ack {
                     sector,
                     block_id,
                     size,
-                    seq,
+                    seq: self.packet_seq,
                 }));
             }
-            if let Some(id) = epoch {
-                if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
-                    e.pending -= 1;
-                }
-                self.finish_recv_epochs();
-            }
+            self.peer_write_finished(epoch);
             return;
         }
         if flags & dp::SEND_RECEIVE_ACK != 0 {
@@ -2406,20 +2736,180 @@ impl Device {
             resync,
             epoch,
             conn_gen: self.conn_gen,
+            restart: false,
         };
-        let range = (sector, sectors);
-        let blocked = self
-            .peer_writes_in_flight
-            .values()
-            .any(|&r| overlaps(r, range))
-            || self
-                .peer_waiting
+        self.peer_waiting.push_back(w);
+        self.pump_peer_writes();
+    }
+
+    /// Submits the queued peer writes that may go now, in arrival order: a write waits for
+    /// earlier peer writes to its blocks and, with allow-two-primaries, is resolved against
+    /// the local writes to its blocks ([`Device::peer_conflict`]).
+    fn pump_peer_writes(&mut self) {
+        if self.pumping {
+            self.pump_again = true;
+            return;
+        }
+        self.pumping = true;
+        loop {
+            self.pump_again = false;
+            let mut queue = std::mem::take(&mut self.peer_waiting);
+            let mut still: VecDeque<PeerWrite> = VecDeque::new();
+            while let Some(mut w) = queue.pop_front() {
+                let range = (w.sector, w.sectors);
+                let blocked = self
+                    .peer_writes_in_flight
+                    .values()
+                    .any(|&r| overlaps(r, range))
+                    || still.iter().any(|q| overlaps((q.sector, q.sectors), range));
+                if blocked {
+                    still.push_back(w);
+                    continue;
+                }
+                match self.peer_conflict(&w) {
+                    Conflict::None => self.submit_peer_write(w),
+                    Conflict::Wait => still.push_back(w),
+                    Conflict::Restart => {
+                        w.restart = true;
+                        self.submit_peer_write(w);
+                    }
+                    Conflict::Superseded => self.answer_conflict(w, false),
+                    Conflict::Retry => self.answer_conflict(w, true),
+                }
+            }
+            // Anything queued meanwhile goes behind.
+            still.append(&mut self.peer_waiting);
+            self.peer_waiting = still;
+            if !self.pump_again {
+                break;
+            }
+        }
+        self.pumping = false;
+    }
+
+    /// How a peer write relates to the local writes to its blocks (8.4's
+    /// `handle_write_conflicts`). Without allow-two-primaries only one side writes.
+    fn peer_conflict(&self, w: &PeerWrite) -> Conflict {
+        if !self.cfg.two_primaries || w.resync {
+            return Conflict::None;
+        }
+        let range = (w.sector, w.sectors);
+        let local: Vec<&Request> = self
+            .overlapping_active(range)
+            .map(|id| &self.reqs[&id])
+            .collect();
+        if local.is_empty() {
+            return Conflict::None;
+        }
+        if self.resolve_conflicts {
+            // This node decides. A local write the peer has not acknowledged yet (or not
+            // even received) is concurrent with the peer's write: the local one wins where
+            // it covers the peer's completely (the peer applies it over its own write), and
+            // else the peer sends its write again after applying ours.
+            let undecided: Vec<&&Request> = local
                 .iter()
-                .any(|p| overlaps((p.sector, p.sectors), range));
-        if blocked {
-            self.peer_waiting.push_back(w);
+                .filter(|r| !r.issued || r.net_pending)
+                .collect();
+            if undecided.is_empty() {
+                // The peer acknowledged all of them before it sent this write (its ack's
+                // sequence number came first): this write is the later one. It waits for
+                // them to finish here and then applies. (8.4 answers as if concurrent here.)
+                return Conflict::Wait;
+            }
+            let covered = undecided
+                .iter()
+                .any(|r| r.sector <= w.sector && w.sector + w.sectors <= r.sector + r.sectors);
+            if covered {
+                Conflict::Superseded
+            } else {
+                Conflict::Retry
+            }
+        } else if local.iter().any(|r| r.local_pending || !r.postponed) {
+            // The peer decides about our writes (P_WRITE_ACK, P_SUPERSEDED or P_RETRY_WRITE),
+            // and our disk must finish them first.
+            Conflict::Wait
         } else {
-            self.submit_peer_write(w);
+            // All of them are to be sent again: this write goes first.
+            Conflict::Restart
+        }
+    }
+
+    /// The resolving node did not apply a peer write that conflicted with its own: tell the
+    /// peer (`P_SUPERSEDED` or `P_RETRY_WRITE`) and count the write as done in its epoch.
+    fn answer_conflict(&mut self, w: PeerWrite, retry: bool) {
+        self.log(format!(
+            "Concurrent writes detected: remote={}s+{}, {}",
+            w.sector,
+            w.sectors * 512,
+            if retry {
+                "the peer writes again after ours"
+            } else {
+                "superseded by ours"
+            }
+        ));
+        let ack = self.ack_for(&w);
+        self.send(if retry {
+            PeerMsg::RetryWrite(ack)
+        } else {
+            PeerMsg::Superseded(ack)
+        });
+        self.peer_write_finished(w.epoch);
+    }
+
+    /// The ack answering peer write `w`, with the next number of our sequence.
+    fn ack_for(&mut self, w: &PeerWrite) -> Ack {
+        self.packet_seq = self.packet_seq.wrapping_add(1);
+        Ack {
+            sector: w.sector,
+            block_id: w.block_id,
+            size: (w.sectors * 512) as u32,
+            seq: self.packet_seq,
+        }
+    }
+
+    /// A peer write of receive epoch `epoch` is done (applied or answered).
+    fn peer_write_finished(&mut self, epoch: Option<u64>) {
+        if let Some(id) = epoch {
+            if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
+                e.pending -= 1;
+            }
+            self.finish_recv_epochs();
+        }
+    }
+
+    /// A peer write applied over postponed local writes is done: send those again (and write
+    /// them again locally, over the peer's data) once no other peer write to their blocks is
+    /// in flight or queued here (its completion comes back here): the disk must not hold
+    /// both at once, and the peer must see our ack of each of them before the write sent
+    /// again.
+    fn restart_postponed(&mut self, range: (u64, u64)) {
+        let ids: Vec<ReqId> = self.overlapping_active(range).collect();
+        self.restart_if_ready(ids);
+    }
+
+    /// Sends the postponed writes among `ids` again when they are ready (see
+    /// [`Device::restart_postponed`]).
+    fn restart_if_ready(&mut self, ids: Vec<ReqId>) {
+        for id in ids {
+            // Checked one by one: a write may be listed twice (sent twice in one epoch), and
+            // sending one changes nothing for the others.
+            let ready = self.reqs.get(&id).is_some_and(|r| {
+                let own = (r.sector, r.sectors);
+                r.postponed
+                    && !r.local_pending
+                    && !self
+                        .peer_writes_in_flight
+                        .values()
+                        .any(|&p| overlaps(p, own))
+                    && !self
+                        .peer_waiting
+                        .iter()
+                        .any(|p| overlaps((p.sector, p.sectors), own))
+            });
+            if ready {
+                self.reqs.get_mut(&id).expect("exists").postponed = false;
+                self.issue_write(id);
+            }
         }
     }
 
@@ -2455,45 +2945,26 @@ impl Device {
             }
             if current {
                 if w.flags & dp::SEND_WRITE_ACK != 0 {
-                    self.packet_seq = self.packet_seq.wrapping_add(1);
-                    let ack = Ack {
-                        sector: w.sector,
-                        block_id: w.block_id,
-                        size: (w.sectors * 512) as u32,
-                        seq: self.packet_seq,
-                    };
+                    let ack = self.ack_for(&w);
                     self.send(if ok {
                         PeerMsg::WriteAck(ack)
                     } else {
                         PeerMsg::NegAck(ack)
                     });
                 }
-                if let Some(id) = w.epoch {
-                    if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
-                        e.pending -= 1;
-                    }
-                    self.finish_recv_epochs();
+                self.peer_write_finished(w.epoch);
+                if w.restart || self.cfg.two_primaries {
+                    // After the ack: its sequence number makes the resolving peer process
+                    // the ack before our writes sent again, which then come after its own.
+                    self.restart_postponed((w.sector, w.sectors));
                 }
             }
         }
-        // Writes that waited for this one.
-        let mut still = VecDeque::new();
-        while let Some(p) = self.peer_waiting.pop_front() {
-            let range = (p.sector, p.sectors);
-            let blocked = self
-                .peer_writes_in_flight
-                .values()
-                .any(|&r| overlaps(r, range))
-                || still
-                    .iter()
-                    .any(|q: &PeerWrite| overlaps((q.sector, q.sectors), range));
-            if blocked {
-                still.push_back(p);
-            } else {
-                self.submit_peer_write(p);
-            }
+        // Peer writes and local writes that waited for this one.
+        self.pump_peer_writes();
+        if !self.waiting.is_empty() {
+            self.retry_waiting();
         }
-        self.peer_waiting = still;
     }
 
     /// Flushes the resync writes done so far, unless a flush is already in flight (the
@@ -2841,6 +3312,21 @@ impl Device {
     /// Time passed: the SyncTarget requests the next blocks.
     pub fn tick(&mut self, now: Duration) {
         self.now = now;
+        if self.connected
+            && !self.seq_held.is_empty()
+            && now.saturating_sub(self.seq_held_since) > SEQ_WAIT_LIMIT
+        {
+            let want = self.seq_held.front().and_then(seq_of).unwrap_or(0);
+            self.lose_connection(
+                &format!(
+                    "timed out waiting for the peer's sequence number {} (have {})",
+                    want.wrapping_sub(1),
+                    self.peer_seq
+                ),
+                true,
+            );
+            return;
+        }
         if !matches!(self.conn, ConnState::SyncTarget) || !self.connected {
             return;
         }

@@ -113,6 +113,13 @@ pub enum PeerMsg {
     RsWriteAck(Ack),
     /// `P_NEG_ACK`: the peer could not write.
     NegAck(Ack),
+    /// `P_SUPERSEDED` (allow-two-primaries): the peer did not apply our write because a
+    /// concurrent write of its own covers it and reaches us too; the write is done.
+    Superseded(Ack),
+    /// `P_RETRY_WRITE` (allow-two-primaries, apv >= 100): the peer did not apply our write
+    /// because it conflicts with a concurrent write of its own; send it again once the
+    /// peer's write has been applied here.
+    RetryWrite(Ack),
     /// `P_DATA_REQUEST`: read for an application request on a node without good local data.
     DataRequest(BlockReq),
     /// `P_DATA_REPLY`.
@@ -212,6 +219,8 @@ impl PeerMsg {
             | PeerMsg::WriteAck(_)
             | PeerMsg::RsWriteAck(_)
             | PeerMsg::NegAck(_)
+            | PeerMsg::Superseded(_)
+            | PeerMsg::RetryWrite(_)
             | PeerMsg::NegDReply(_)
             | PeerMsg::NegRsDReply(_)
             | PeerMsg::StateChgReply { .. }
@@ -233,6 +242,8 @@ impl PeerMsg {
             PeerMsg::WriteAck(_) => "P_WRITE_ACK",
             PeerMsg::RsWriteAck(_) => "P_RS_WRITE_ACK",
             PeerMsg::NegAck(_) => "P_NEG_ACK",
+            PeerMsg::Superseded(_) => "P_SUPERSEDED",
+            PeerMsg::RetryWrite(_) => "P_RETRY_WRITE",
             PeerMsg::DataRequest(_) => "P_DATA_REQUEST",
             PeerMsg::DataReply { .. } => "P_DATA_REPLY",
             PeerMsg::NegDReply(_) => "P_NEG_DREPLY",

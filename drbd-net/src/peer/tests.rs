@@ -152,6 +152,8 @@ fn every_variant() -> Vec<PeerMsg> {
             data: block(4096, 4),
         },
         PeerMsg::NegRsDReply(ack(8)),
+        PeerMsg::Superseded(ack(9)),
+        PeerMsg::RetryWrite(ack(10)),
         PeerMsg::OutOfSync {
             sector: 1 << 30,
             size: 4096,
@@ -455,7 +457,6 @@ fn packets_the_core_does_not_handle_are_errors() {
         Packet::SyncParam89(SyncParam::default()),
         Packet::ProtocolUpdate(Protocol::default()),
         Packet::Protocol(Protocol::default()),
-        Packet::Superseded(BlockAck::default()),
         Packet::InitialData,
         Packet::AuthChallenge(block(64, 1)),
     ] {
