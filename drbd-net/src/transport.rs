@@ -1051,7 +1051,13 @@ async fn connected(
             s.route.send_replace(None);
             return (e, None);
         }
-        tracing::info!(conn = %cfg.name, epoch, bitmap_bits, "session established");
+        tracing::info!(
+            conn = %cfg.name,
+            epoch,
+            bitmap_bits,
+            resolve_conflicts,
+            "session established"
+        );
     }
 
     let origin = Instant::now();

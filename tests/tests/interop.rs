@@ -948,3 +948,124 @@ fn attach_and_resync(lab: &Lab, attach: impl Fn(&Lab), kernel_role: &str, blocks
     );
     lab.assert_same_data();
 }
+
+/// `P_SUPERSEDED` and `P_RETRY_WRITE`: the resolving node's answers to concurrent writes.
+const P_SUPERSEDED: u16 = 0x18;
+const P_RETRY_WRITE: u16 = 0x2c;
+
+/// The kernel's part of the dual-primary hammering: four background loops of O_DIRECT
+/// writes into the first 256 KiB, 4 KiB blocks and single sectors mixed; each loop appends
+/// to /tmp/dp.done when it ends.
+const KERNEL_HAMMER: &str = r#"rm -f /tmp/dp.done /tmp/dp.err
+for t in 1 2 3 4; do
+  ( i=0
+    while [ $i -lt 50 ]; do
+      if [ $((RANDOM % 2)) = 0 ]; then
+        n=$((RANDOM % 4 + 1)); s=$((RANDOM % (65 - n)))
+        dd if=/dev/urandom of=/dev/drbd0 bs=4k count=$n seek=$s oflag=direct conv=notrunc 2>/dev/null || echo "4k $s+$n" >> /tmp/dp.err
+      else
+        n=$((RANDOM % 8 + 1)); s=$((RANDOM % (513 - n)))
+        dd if=/dev/urandom of=/dev/drbd0 bs=512 count=$n seek=$s oflag=direct conv=notrunc 2>/dev/null || echo "512 $s+$n" >> /tmp/dp.err
+      fi
+      i=$((i + 1))
+    done
+    echo $t >> /tmp/dp.done ) &
+done"#;
+
+/// Scenario 6: both Primary (allow-two-primaries), both write the same blocks at the same
+/// time, the kernel through its device and ours through the NBD export; afterwards nothing is
+/// out of sync and both disks are identical. Once with the kernel resolving conflicts (it
+/// accepts the connection, being up first) and once with our node resolving.
+#[test]
+fn dual_primary_concurrent_writes_end_identical() {
+    if lab_skip() {
+        return;
+    }
+    for first in ["kernel", "ours"] {
+        let two = tests::lab::Side {
+            net_extra: "allow-two-primaries yes;".into(),
+            ..tests::lab::Side::default()
+        };
+        // The node that accepts the connection resolves conflicts. Ours up first with a long
+        // connect-int: the kernel connects to it as it comes up, before ours tries again.
+        let ours = tests::lab::Side {
+            connect_int: if first == "ours" { 20 } else { 2 },
+            ..two.clone()
+        };
+        let mut lab = Lab::new(LabSpec {
+            ours,
+            kernel: two,
+            ..LabSpec::default()
+        });
+        connect(&mut lab, first);
+        let ours_resolve = lab.log().contains("resolve_conflicts=true");
+        assert_eq!(
+            ours_resolve,
+            first == "ours",
+            "who resolves conflicts:\n{}",
+            lab.log()
+        );
+        lab.kernel_adm("primary --force");
+        lab.wait_in_sync(120);
+        lab.adm_ok(&["primary", "r0"]);
+        lab.kernel_wait("ro:Primary/Primary", 10);
+        assert_eq!(lab.role(), "Primary/Primary");
+
+        lab.rpc_ok(KERNEL_HAMMER);
+        let mut nbd = NbdClient::connect(&lab.nbd_socket(), "r0").expect("NBD connect");
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut k = 0u64;
+        let kernel_done =
+            |lab: &Lab| lab.rpc_ok("cat /tmp/dp.done 2>/dev/null | wc -l").trim() == "4";
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        while !kernel_done(&lab) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the kernel's writes did not finish"
+            );
+            // A burst of our writes between polls, into the same 256 KiB.
+            for _ in 0..20 {
+                let (offset, len) = if rng.bool() {
+                    let blocks = rng.u64(1..=4);
+                    (rng.u64(0..=64 - blocks) * 4096, blocks * 4096)
+                } else {
+                    let sectors = rng.u64(1..=8);
+                    (rng.u64(0..=512 - sectors) * 512, sectors * 512)
+                };
+                let data: Vec<u8> = (0..len).map(|_| rng.u8(..)).collect();
+                nbd.write(offset, &data).expect("NBD write");
+                k += 1;
+            }
+        }
+        nbd.flush().expect("flush");
+        drop(nbd);
+        let errors = lab.rpc_ok("cat /tmp/dp.err 2>/dev/null; true");
+        assert!(
+            errors.trim().is_empty(),
+            "the kernel's writes failed: {errors}"
+        );
+
+        lab.wait_in_sync(60);
+        assert_eq!(lab.statistic("out-of-sync"), 0);
+        assert!(lab.proc_drbd().contains("oos:0"), "{}", lab.proc_drbd());
+        // Both devices read the same, and so do both disks.
+        let ours_view = {
+            let mut nbd = NbdClient::connect(&lab.nbd_socket(), "r0").expect("NBD connect");
+            md5_bytes(&nbd.read(0, 256 << 10).expect("read"))
+        };
+        assert_eq!(lab.kernel_md5("/dev/drbd0", 0, 64), ours_view);
+        lab.assert_same_data();
+        let cap = lab.finish();
+        let resolver = if first == "kernel" {
+            KERNEL_IP
+        } else {
+            HOST_IP
+        };
+        let answers = cap.count(P_SUPERSEDED, Some(resolver), None, None)
+            + cap.count(P_RETRY_WRITE, Some(resolver), None, None);
+        eprintln!(
+            "{first} up first: {k} writes of ours, {answers} conflicts answered by {resolver}; {}",
+            cap.summary()
+        );
+    }
+}

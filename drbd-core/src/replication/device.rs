@@ -1596,6 +1596,24 @@ impl Device {
         self.maybe_destroy(id);
     }
 
+    /// Whether the epochs before epoch `nr` may be released by its barrier ack: with
+    /// allow-two-primaries only, `nr` is a closed epoch of the transfer log, and every write
+    /// of the epochs before it has its answer (it is acknowledged, or postponed by the peer).
+    fn skippable_epochs(&self, nr: u32) -> bool {
+        if !self.cfg.two_primaries || !self.tl.iter().any(|e| e.nr == nr && e.closed) {
+            return false;
+        }
+        self.tl
+            .iter()
+            .take_while(|e| e.nr != nr)
+            .flat_map(|e| e.reqs.iter())
+            .all(|id| {
+                self.reqs
+                    .get(id)
+                    .is_none_or(|r| !r.net_pending || r.postponed)
+            })
+    }
+
     /// When no write is still on its way to the peer, no later completion may come to close
     /// the epoch: close it now (DRBD's sender sends the barrier when it runs out of work), or
     /// the peer never acknowledges (and flushes) it and its writes stay in the transfer log
@@ -2609,6 +2627,33 @@ impl Device {
     }
 
     fn barrier_acked(&mut self, nr: u32, set_size: u32) -> Result<(), ProtocolError> {
+        if self.tl.front().is_some_and(|e| e.nr != nr) && self.skippable_epochs(nr) {
+            // 8.4 never acknowledges an epoch in which it answered a write with
+            // P_SUPERSEDED or P_RETRY_WRITE (the answer does not release the epoch), and
+            // acknowledges later epochs regardless. Every write of the skipped epochs has
+            // its answer already (acks travel before barrier acks on the meta socket), so the
+            // ack of a later epoch releases them too.
+            while self.tl.front().is_some_and(|e| e.nr != nr) {
+                let e = self.tl.pop_front().expect("checked");
+                self.log(format!(
+                    "epoch {} released by the barrier ack of epoch {nr}",
+                    e.nr
+                ));
+                let postponed: Vec<ReqId> = e
+                    .reqs
+                    .iter()
+                    .copied()
+                    .filter(|id| self.reqs.get(id).is_some_and(|r| r.postponed))
+                    .collect();
+                for id in e.reqs {
+                    if let Some(r) = self.reqs.get_mut(&id) {
+                        r.tl_refs = r.tl_refs.saturating_sub(1);
+                    }
+                    self.maybe_complete(id);
+                }
+                self.restart_if_ready(postponed);
+            }
+        }
         let Some(e) = self.tl.front() else {
             return Err(ProtocolError(format!(
                 "P_BARRIER_ACK {nr} with an empty transfer log"
