@@ -187,6 +187,7 @@ COMMANDS (carried out by drbdd; RESOURCE may be RES/VNR where a volume makes sen
   wait-connect          wait for the connection (startup { wfc-timeout })
   invalidate / invalidate-remote
   new-current-uuid [--clear-bitmap]
+  verify                start an online verify (net { verify-alg })
   pause-sync / resume-sync
 ";
 

@@ -383,6 +383,7 @@ fn setup_lines(cmd: DaemonCommand, t: &Target, args: &Args) -> Vec<String> {
         | Command::Secondary
         | Command::Invalidate
         | Command::InvalidateRemote
+        | Command::Verify
         | Command::PauseSync
         | Command::ResumeSync
         | Command::Role

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use drbd_core::config::model::{MetaDisk, Protocol as ModelProtocol, ResourceModel};
 use drbd_core::replication::device::{DeviceConfig, Protocol, ResyncRate};
+use drbd_core::replication::digest::DigestAlg;
 use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
 use drbd_core::uuid::{AfterSbPolicy, RrConflict, SplitBrainPolicy};
 use drbd_net::disk::EngineOptions;
@@ -54,6 +55,12 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         always_asbp: m.flag("always-asbp"),
     };
     split_brain.validate().map_err(|e| e.to_string())?;
+    let verify_alg = match m.value("verify-alg") {
+        Some(v) if !v.is_empty() => {
+            Some(DigestAlg::from_name(&v).map_err(|e| format!("verify-alg: {e}"))?)
+        }
+        _ => None,
+    };
     let d = ResyncRate::default();
     Ok(DeviceConfig {
         protocol,
@@ -70,6 +77,7 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         },
         split_brain,
         two_primaries: m.flag("allow-two-primaries"),
+        verify_alg,
         rng_seed: 0,
     })
 }

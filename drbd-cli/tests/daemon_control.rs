@@ -127,7 +127,7 @@ impl Replica for FakeReplica {
                     v.peer_role = Role::Unknown;
                     v.peer_disk = DiskState::DUnknown;
                 }),
-                AdminRequest::InvalidateRemote => {
+                AdminRequest::InvalidateRemote | AdminRequest::Verify => {
                     if first.conn < ConnState::Connected {
                         return Err(AdminError::State(StateRefusal::NeedConnection));
                     }

@@ -28,8 +28,8 @@ use crate::wire::bitmap::{words_for, BitmapError, BitmapReceiver, BitmapSender};
 use crate::wire::limits::BITMAP_PACKET_MAX;
 use crate::wire::{
     self, Barrier, BarrierAck, BlockAck, BlockDesc, BlockId, BlockRequest, Command, ConnState,
-    DataPacket, DiskState, Frame, HeaderKind, Packet, ReqState, Role, Sizes, State, StateReply,
-    SyncUuid, Trim, Uuids, WireContext, WireError, FF_WZEROES,
+    DataPacket, DigestRequest, DiskState, Frame, HeaderKind, Packet, ReqState, Role, Sizes, State,
+    StateReply, SyncUuid, Trim, Uuids, WireContext, WireError, FF_WZEROES,
 };
 
 /// Bitmap transfers only use RLE from this protocol version on (`P_COMPRESSED_BITMAP` came
@@ -333,6 +333,21 @@ fn push_frames(
         PeerMsg::NegAck(a) => Packet::NegAck(block_ack(a)),
         PeerMsg::Superseded(a) => Packet::Superseded(block_ack(a)),
         PeerMsg::RetryWrite(a) => Packet::RetryWrite(block_ack(a)),
+        PeerMsg::OvRequest(r) => Packet::OvRequest(block_request(r)),
+        PeerMsg::OvReply {
+            sector,
+            block_id,
+            size,
+            digest,
+        } => Packet::OvReply(DigestRequest {
+            request: block_request(&BlockReq {
+                sector: *sector,
+                block_id: *block_id,
+                size: *size,
+            }),
+            digest: digest.clone(),
+        }),
+        PeerMsg::OvResult(a) => Packet::OvResult(block_ack(a)),
         PeerMsg::NegDReply(a) => Packet::NegDReply(block_ack(a)),
         PeerMsg::NegRsDReply(a) => Packet::NegRsDReply(block_ack(a)),
         PeerMsg::DataRequest(r) => Packet::DataRequest(block_request(r)),
@@ -619,6 +634,17 @@ impl MsgDecoder {
             Packet::NegAck(a) => PeerMsg::NegAck(ack(&a)),
             Packet::Superseded(a) => PeerMsg::Superseded(ack(&a)),
             Packet::RetryWrite(a) => PeerMsg::RetryWrite(ack(&a)),
+            Packet::OvRequest(r) => PeerMsg::OvRequest(block_req(&r)),
+            Packet::OvReply(d) => {
+                let q = block_req(&d.request);
+                PeerMsg::OvReply {
+                    sector: q.sector,
+                    block_id: q.block_id,
+                    size: q.size,
+                    digest: d.digest,
+                }
+            }
+            Packet::OvResult(a) => PeerMsg::OvResult(ack(&a)),
             Packet::NegDReply(a) => PeerMsg::NegDReply(ack(&a)),
             Packet::NegRsDReply(a) => PeerMsg::NegRsDReply(ack(&a)),
             Packet::DataRequest(r) => PeerMsg::DataRequest(block_req(&r)),

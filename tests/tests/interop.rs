@@ -1069,3 +1069,117 @@ fn dual_primary_concurrent_writes_end_identical() {
         );
     }
 }
+
+/// Runs an online verify started on `initiator` ("kernel" or "ours") and waits until both
+/// nodes are Connected again; returns the initiator's log lines of this verify.
+fn run_verify(lab: &Lab, initiator: &str) -> String {
+    let mark = lab.dmesg_mark();
+    let lmark = lab.log_mark();
+    if initiator == "kernel" {
+        lab.kernel_adm("verify");
+    } else {
+        lab.adm_ok(&["verify", "r0"]);
+    }
+    let done = |l: &Lab| {
+        let log = if initiator == "kernel" {
+            l.dmesg_since(mark)
+        } else {
+            l.log_since(lmark)
+        };
+        log.contains("Online verify done")
+    };
+    assert!(
+        eventually(Duration::from_secs(120), || done(lab)
+            && lab.cstate() == "Connected"
+            && lab.kernel_state().contains("cs:Connected")),
+        "verify from {initiator} did not end: kernel\n{}\nours\n{}",
+        lab.dmesg_since(mark),
+        lab.log_since(lmark)
+    );
+    if initiator == "kernel" {
+        lab.dmesg_since(mark)
+    } else {
+        lab.log_since(lmark)
+    }
+}
+
+/// The kernel's out-of-sync count in KiB (`oos:` of /proc/drbd).
+fn kernel_oos(lab: &Lab) -> u64 {
+    let p = lab.proc_drbd();
+    p.split_whitespace()
+        .find_map(|w| w.strip_prefix("oos:"))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no oos in {p}"))
+}
+
+/// Scenario 7: online verify started on each side (sha1 from the kernel, crc32c from ours)
+/// finds nothing on identical data, then finds blocks changed behind DRBD's back on either
+/// disk; both nodes mark them out of sync, and a disconnect/connect resyncs them.
+#[test]
+fn online_verify_with_the_kernel_from_either_side() {
+    if lab_skip() {
+        return;
+    }
+    for (alg, initiator) in [("sha1", "kernel"), ("crc32c", "ours")] {
+        let side = tests::lab::Side {
+            net_extra: format!("verify-alg {alg};"),
+            ..tests::lab::Side::default()
+        };
+        let mut lab = Lab::new(LabSpec {
+            ours: side.clone(),
+            kernel: side,
+            ..LabSpec::default()
+        });
+        connect(&mut lab, "kernel");
+        lab.kernel_adm("primary --force");
+        lab.wait_in_sync(120);
+
+        let clean = run_verify(&lab, initiator);
+        assert!(
+            !clean.contains("out of sync!"),
+            "{initiator} ({alg}):\n{clean}"
+        );
+        assert_eq!(lab.statistic("out-of-sync"), 0);
+        assert_eq!(kernel_oos(&lab), 0);
+
+        // One block differs on the kernel's disk, two adjacent ones on ours.
+        lab.rpc_ok(
+            "dd if=/dev/urandom of=/dev/vda bs=4k count=1 seek=100 oflag=direct conv=notrunc 2>/dev/null",
+        );
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&lab.disk)
+                .expect("our disk");
+            f.seek(SeekFrom::Start(2000 * 4096)).expect("seek");
+            f.write_all(&[0x5a; 8192]).expect("write");
+            f.sync_all().expect("sync");
+        }
+        let found = run_verify(&lab, initiator);
+        assert!(
+            found.contains("Online verify found 3 4k block out of sync!"),
+            "{initiator} ({alg}):\n{found}"
+        );
+        assert_eq!(lab.statistic("out-of-sync"), 12, "ours");
+        assert_eq!(kernel_oos(&lab), 12, "kernel");
+        // The kernel is Primary: reconnecting resyncs the three blocks from it.
+        lab.kernel_adm("disconnect");
+        lab.kernel_adm("connect");
+        lab.wait_in_sync(60);
+        lab.assert_same_data();
+        let cap = lab.finish();
+        let (asker, answerer) = if initiator == "kernel" {
+            (KERNEL_IP, HOST_IP)
+        } else {
+            (HOST_IP, KERNEL_IP)
+        };
+        assert!(cap.count(P_OV_REQUEST, Some(asker), None, None) >= 2 * 4086);
+        assert!(cap.count(P_OV_REPLY, Some(answerer), None, None) >= 2 * 4086);
+        assert!(cap.count(P_OV_RESULT, Some(asker), None, None) >= 2 * 4086);
+    }
+}
+
+const P_OV_REQUEST: u16 = 0x1e;
+const P_OV_REPLY: u16 = 0x1f;
+const P_OV_RESULT: u16 = 0x20;

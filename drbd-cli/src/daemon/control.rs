@@ -54,6 +54,7 @@ pub enum Command {
     Invalidate,
     InvalidateRemote,
     NewCurrentUuid,
+    Verify,
     PauseSync,
     ResumeSync,
     Role,
@@ -64,7 +65,7 @@ pub enum Command {
 
 impl Command {
     /// Every command, in the order of `drbdadm help`.
-    pub const ALL: [Command; 17] = [
+    pub const ALL: [Command; 18] = [
         Command::Up,
         Command::Down,
         Command::Attach,
@@ -76,6 +77,7 @@ impl Command {
         Command::Invalidate,
         Command::InvalidateRemote,
         Command::NewCurrentUuid,
+        Command::Verify,
         Command::PauseSync,
         Command::ResumeSync,
         Command::Role,
@@ -98,6 +100,7 @@ impl Command {
             Command::Invalidate => "invalidate",
             Command::InvalidateRemote => "invalidate-remote",
             Command::NewCurrentUuid => "new-current-uuid",
+            Command::Verify => "verify",
             Command::PauseSync => "pause-sync",
             Command::ResumeSync => "resume-sync",
             Command::Role => "role",

@@ -379,6 +379,7 @@ impl Host {
                 },
                 true,
             ),
+            Command::Verify => (AdminRequest::Verify, true),
             Command::PauseSync => (AdminRequest::PauseSync, true),
             Command::ResumeSync => (AdminRequest::ResumeSync, true),
             other => {

@@ -54,8 +54,9 @@ use crate::meta::flags::{
 };
 use crate::replication::activity_log::{ActivityLog, AlDecision, AlWrite, BeginIoError};
 use crate::replication::bitmap::{DirtyBitmap, SECTORS_PER_BIT};
+use crate::replication::digest::DigestAlg;
 use crate::replication::msg::{
-    dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_SYNCER,
+    dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_IN_SYNC, ID_OUT_OF_SYNC, ID_SYNCER,
 };
 use crate::replication::status::{
     AdminError, AdminRequest, ResyncProgress, StateRefusal, VolumeStatus,
@@ -153,6 +154,8 @@ pub struct DeviceConfig {
     pub split_brain: SplitBrainPolicy,
     /// `allow-two-primaries`.
     pub two_primaries: bool,
+    /// `verify-alg`: online verify needs it on both nodes.
+    pub verify_alg: Option<DigestAlg>,
     /// Seed of the generator for new UUIDs.
     pub rng_seed: u64,
 }
@@ -167,6 +170,7 @@ impl Default for DeviceConfig {
             resync: ResyncRate::default(),
             split_brain: SplitBrainPolicy::default(),
             two_primaries: false,
+            verify_alg: None,
             rng_seed: 0x5eed,
         }
     }
@@ -430,6 +434,15 @@ enum IoPurpose {
     AlFlushFor(ReqId, AlWrite),
     PeerWrite(PeerWrite),
     PeerRead(PeerRead),
+    /// Online verify: a block read to digest, for the peer (`peer_digest` None: reply with
+    /// `P_OV_REPLY`) or to compare with the peer's digest.
+    VerifyRead {
+        sector: u64,
+        len: u32,
+        block_id: u64,
+        peer_digest: Option<Bytes>,
+        conn_gen: u64,
+    },
     BarrierFlush {
         epoch: u64,
         conn_gen: u64,
@@ -449,6 +462,27 @@ enum IoPurpose {
     Meta,
     /// A superblock write that application writes wait for.
     MetaGate,
+}
+
+/// A running online verify (`VerifyS` asks, `VerifyT` answers).
+#[derive(Debug)]
+struct VerifyState {
+    source: bool,
+    /// Source: the next sector to ask about.
+    position: u64,
+    /// Source: requests sent and not answered (sector -> bytes).
+    in_flight: BTreeMap<u64, u32>,
+    /// Source: local reads for comparisons in progress.
+    reading: u32,
+    /// Blocks compared so far.
+    done: u64,
+    /// Blocks found different.
+    found: u64,
+    /// The run of different blocks being collected for the log: (sector, sectors).
+    run: Option<(u64, u64)>,
+    started: Duration,
+    /// Target: the first request arrived.
+    seen_request: bool,
 }
 
 #[derive(Debug)]
@@ -602,6 +636,9 @@ pub struct Device {
     meta_busy: bool,
 
     resync: Option<ResyncState>,
+    verify: Option<VerifyState>,
+    /// `verify` asked the peer (`P_STATE_CHG_REQ`) and waits for its answer.
+    verify_requested: bool,
     actions: VecDeque<Action>,
 
     // Counters (sectors).
@@ -651,7 +688,8 @@ fn seq_of(msg: &PeerMsg) -> Option<u32> {
         | PeerMsg::NegDReply(a)
         | PeerMsg::NegRsDReply(a)
         | PeerMsg::Superseded(a)
-        | PeerMsg::RetryWrite(a) => Some(a.seq),
+        | PeerMsg::RetryWrite(a)
+        | PeerMsg::OvResult(a) => Some(a.seq),
         _ => None,
     }
 }
@@ -750,6 +788,8 @@ impl Device {
             meta_queue: VecDeque::new(),
             meta_busy: false,
             resync: None,
+            verify: None,
+            verify_requested: false,
             actions: VecDeque::new(),
             written: 0,
             read: 0,
@@ -967,6 +1007,8 @@ impl Device {
                     | ConnState::SyncTarget
                     | ConnState::PausedSyncS
                     | ConnState::PausedSyncT
+                    | ConnState::VerifyS
+                    | ConnState::VerifyT
             )
             && self.peer_disk >= DiskState::Inconsistent
     }
@@ -1693,6 +1735,17 @@ impl Device {
             }
             IoPurpose::PeerWrite(w) => self.peer_write_done(io, w, result.is_ok()),
             IoPurpose::PeerRead(r) => self.peer_read_done(io, r, result),
+            IoPurpose::VerifyRead {
+                sector,
+                len,
+                block_id,
+                peer_digest,
+                conn_gen,
+            } => {
+                if conn_gen == self.conn_gen && self.connected {
+                    self.verify_read_done(sector, len, block_id, peer_digest, result);
+                }
+            }
             IoPurpose::BarrierFlush { epoch, conn_gen } => {
                 if conn_gen == self.conn_gen && self.connected {
                     if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == epoch) {
@@ -2057,6 +2110,13 @@ impl Device {
         self.close_epoch = false;
         self.recv_epochs.clear();
         self.rs_reads_waiting.clear();
+        if let Some(v) = self.verify.take() {
+            self.log(format!(
+                "online verify aborted after {} blocks ({} out of sync)",
+                v.done, v.found
+            ));
+        }
+        self.verify_requested = false;
         // Peer writes not yet applied were not acknowledged: the peer marks them out of
         // sync. Those waiting for a conflict decision would wait for good.
         self.peer_waiting.clear();
@@ -2438,8 +2498,43 @@ impl Device {
                 });
                 Ok(())
             }
-            // This node changes its own state with plain P_STATE and never asks.
-            PeerMsg::StateChgReply { .. } => Ok(()),
+            // This node changes its own state with plain P_STATE and asks only to start an
+            // online verify.
+            PeerMsg::StateChgReply {
+                retcode,
+                connection,
+            } => {
+                if !connection && self.verify_requested {
+                    self.verify_requested = false;
+                    if retcode >= 1 && self.conn == ConnState::Connected {
+                        self.begin_verify(true);
+                    } else {
+                        self.log(format!(
+                            "online verify refused by the peer ({retcode}): {}",
+                            StateRefusal::from_code(retcode).map_or("", |r| r.text())
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            PeerMsg::OvRequest(q) => {
+                self.check_range(q.sector, q.size, "P_OV_REQUEST")?;
+                self.verify_request(q);
+                Ok(())
+            }
+            PeerMsg::OvReply {
+                sector,
+                block_id,
+                size,
+                digest,
+            } => {
+                self.check_range(sector, size, "P_OV_REPLY")?;
+                self.verify_reply(sector, block_id, size, digest)
+            }
+            PeerMsg::OvResult(a) => {
+                self.check_range(a.sector, a.size, "P_OV_RESULT")?;
+                self.verify_result(a)
+            }
             // The transport answers the peer's pings itself; a device answers those that
             // reach it (the simulation delivers them).
             PeerMsg::Ping => {
@@ -2533,6 +2628,13 @@ impl Device {
                 }
             }
             ConnState::SyncTarget | ConnState::PausedSyncT => {}
+            ConnState::VerifyT => {
+                if s.conn == ConnState::Connected {
+                    // The verify source is done (or stopped).
+                    self.finish_verify();
+                }
+            }
+            ConnState::VerifyS => {}
             _ => {
                 if s.disk != DiskState::Negotiating && !self.transitional() {
                     self.set_peer_disk(s.disk);
@@ -3372,6 +3474,10 @@ impl Device {
             );
             return;
         }
+        if self.conn == ConnState::VerifyS && self.connected {
+            self.verify_step();
+            return;
+        }
         if !matches!(self.conn, ConnState::SyncTarget) || !self.connected {
             return;
         }
@@ -3611,6 +3717,7 @@ impl Device {
                     }),
                 }
             }
+            AdminRequest::Verify => self.request_verify(),
             AdminRequest::PauseSync | AdminRequest::ResumeSync => {
                 let pause = req == AdminRequest::PauseSync;
                 let Some(rs) = self.resync.as_mut() else {
@@ -3844,6 +3951,291 @@ impl Device {
         }
     }
 
+    // --------------------------------------------------------------------------------------
+    // Online verify
+    // --------------------------------------------------------------------------------------
+
+    /// Whether an online verify may start now (either side).
+    fn verify_possible(&self) -> Result<(), StateRefusal> {
+        if !self.connected {
+            return Err(StateRefusal::NeedConnection);
+        }
+        if self.conn != ConnState::Connected || self.verify_requested || self.verify.is_some() {
+            return Err(StateRefusal::ResyncRunning);
+        }
+        if self.cfg.verify_alg.is_none() {
+            return Err(StateRefusal::NoVerifyAlg);
+        }
+        if self.disk != DiskState::UpToDate || self.peer_disk != DiskState::UpToDate {
+            return Err(StateRefusal::NoUpToDateDisk);
+        }
+        Ok(())
+    }
+
+    /// `verify`: asks the peer to take part (a cluster-wide state change in 8.4); the verify
+    /// starts when it agrees.
+    fn request_verify(&mut self) -> Result<(), AdminError> {
+        use crate::replication::msg::state_word::CONN;
+        self.verify_possible().map_err(AdminError::State)?;
+        self.verify_requested = true;
+        let mask = ((1u32 << CONN.1) - 1) << CONN.0;
+        let val = u32::from(ConnState::VerifyS.wire()) << CONN.0;
+        self.send(PeerMsg::StateChgReq {
+            mask,
+            val,
+            connection: false,
+        });
+        Ok(())
+    }
+
+    fn begin_verify(&mut self, source: bool) {
+        self.set_conn(if source {
+            ConnState::VerifyS
+        } else {
+            ConnState::VerifyT
+        });
+        if source {
+            self.log("Starting Online Verify from sector 0".to_string());
+        }
+        self.verify = Some(VerifyState {
+            source,
+            position: 0,
+            in_flight: BTreeMap::new(),
+            reading: 0,
+            done: 0,
+            found: 0,
+            run: None,
+            started: self.now,
+            seen_request: false,
+        });
+        if source {
+            self.verify_step();
+        }
+    }
+
+    /// VerifyS: asks for the digests of the next blocks, at `resync-rate`, with at most
+    /// `max-buffers / 2` blocks outstanding.
+    fn verify_step(&mut self) {
+        let per_step = (u64::from(self.cfg.resync.rate_kib) * 2 * RESYNC_STEP.as_millis() as u64
+            / 1000)
+            .max(SECTORS_PER_BIT);
+        let max_blocks = u64::from(self.cfg.max_buffers / 2).max(1);
+        let sectors = self.sectors;
+        let mut budget = per_step;
+        let mut asks = Vec::new();
+        {
+            let Some(v) = self.verify.as_mut().filter(|v| v.source) else {
+                return;
+            };
+            while budget > 0 && v.position < sectors && (v.in_flight.len() as u64) < max_blocks {
+                let n = SECTORS_PER_BIT.min(sectors - v.position);
+                let size = (n * 512) as u32;
+                v.in_flight.insert(v.position, size);
+                asks.push(BlockReq {
+                    sector: v.position,
+                    block_id: ID_SYNCER,
+                    size,
+                });
+                v.position += n;
+                budget = budget.saturating_sub(n);
+            }
+        }
+        for q in asks {
+            self.send(PeerMsg::OvRequest(q));
+        }
+        self.maybe_finish_verify();
+    }
+
+    /// VerifyT: the digest of a block for the peer.
+    fn verify_request(&mut self, q: BlockReq) {
+        if let Some(v) = self.verify.as_mut() {
+            if !v.seen_request {
+                v.seen_request = true;
+                let sector = q.sector;
+                self.log(format!("Online Verify start sector: {sector}"));
+            }
+        }
+        if self.disk != DiskState::UpToDate {
+            self.send(PeerMsg::NegRsDReply(Ack {
+                sector: q.sector,
+                block_id: q.block_id,
+                size: q.size,
+                seq: 0,
+            }));
+            return;
+        }
+        let io = self.io(IoPurpose::VerifyRead {
+            sector: q.sector,
+            len: q.size,
+            block_id: q.block_id,
+            peer_digest: None,
+            conn_gen: self.conn_gen,
+        });
+        self.actions.push_back(Action::Disk {
+            io,
+            op: DiskOp::Read {
+                sector: q.sector,
+                len: q.size,
+            },
+        });
+    }
+
+    /// VerifyS: the peer's digest of a block we asked about; ours is computed from a read.
+    fn verify_reply(
+        &mut self,
+        sector: u64,
+        block_id: u64,
+        size: u32,
+        digest: Bytes,
+    ) -> Result<(), ProtocolError> {
+        let Some(v) = self.verify.as_mut().filter(|v| v.source) else {
+            // The verify ended (or never started here): nothing to compare.
+            return Ok(());
+        };
+        if v.in_flight.get(&sector) != Some(&size) {
+            return Err(ProtocolError(format!(
+                "P_OV_REPLY for sector {sector} (+{size}), which was not asked for"
+            )));
+        }
+        v.in_flight.remove(&sector);
+        v.reading += 1;
+        let io = self.io(IoPurpose::VerifyRead {
+            sector,
+            len: size,
+            block_id,
+            peer_digest: Some(digest),
+            conn_gen: self.conn_gen,
+        });
+        self.actions.push_back(Action::Disk {
+            io,
+            op: DiskOp::Read { sector, len: size },
+        });
+        Ok(())
+    }
+
+    fn verify_read_done(
+        &mut self,
+        sector: u64,
+        len: u32,
+        block_id: u64,
+        peer_digest: Option<Bytes>,
+        result: Result<Option<Bytes>, ()>,
+    ) {
+        let alg = self.cfg.verify_alg;
+        // A block that cannot be read has no digest: it counts as different.
+        let mine = match (&result, alg) {
+            (Ok(Some(data)), Some(alg)) => alg.digest(data),
+            _ => Vec::new(),
+        };
+        match peer_digest {
+            None => {
+                self.send(PeerMsg::OvReply {
+                    sector,
+                    block_id,
+                    size: len,
+                    digest: Bytes::from(mine),
+                });
+            }
+            Some(theirs) => {
+                let Some(v) = self.verify.as_mut().filter(|v| v.source) else {
+                    return;
+                };
+                v.reading -= 1;
+                let same = !mine.is_empty() && theirs.as_ref() == mine.as_slice();
+                self.packet_seq = self.packet_seq.wrapping_add(1);
+                self.send(PeerMsg::OvResult(Ack {
+                    sector,
+                    block_id: if same { ID_IN_SYNC } else { ID_OUT_OF_SYNC },
+                    size: len,
+                    seq: self.packet_seq,
+                }));
+                self.verify_block(sector, sectors_of(len), same);
+                self.maybe_finish_verify();
+            }
+        }
+    }
+
+    /// VerifyT: the source's verdict on a block.
+    fn verify_result(&mut self, a: Ack) -> Result<(), ProtocolError> {
+        if self.verify.as_ref().is_none_or(|v| v.source) {
+            return Ok(());
+        }
+        let same = match a.block_id {
+            ID_IN_SYNC => true,
+            ID_OUT_OF_SYNC => false,
+            other => {
+                return Err(ProtocolError(format!(
+                    "P_OV_RESULT with block id {other:#x}"
+                )))
+            }
+        };
+        self.verify_block(a.sector, sectors_of(a.size), same);
+        Ok(())
+    }
+
+    /// Records the verdict on one block: a different block is marked out of sync (a later
+    /// resync repairs it) and logged in runs, as 8.4 logs them.
+    fn verify_block(&mut self, sector: u64, sectors: u64, same: bool) {
+        let Some(v) = self.verify.as_mut() else {
+            return;
+        };
+        v.done += 1;
+        let mut flushed = None;
+        if same {
+            flushed = v.run.take();
+        } else {
+            v.found += 1;
+            v.run = match v.run {
+                Some((s, n)) if s + n == sector => Some((s, n + sectors)),
+                other => {
+                    flushed = other;
+                    Some((sector, sectors))
+                }
+            };
+        }
+        if let Some((s, n)) = flushed {
+            self.log(format!("Out of sync: start={s}, size={n} (sectors)"));
+        }
+        if !same {
+            self.mark_out_of_sync(sector, sectors);
+        }
+    }
+
+    fn maybe_finish_verify(&mut self) {
+        let done = self.verify.as_ref().is_some_and(|v| {
+            v.source && v.position >= self.sectors && v.in_flight.is_empty() && v.reading == 0
+        });
+        if done {
+            self.finish_verify();
+            // The peer (VerifyT) ends when it sees us Connected again; it never saw the
+            // VerifyS state, so this P_STATE goes out although ours looks unchanged.
+            self.last_state_sent = None;
+            self.send_state();
+        }
+    }
+
+    fn finish_verify(&mut self) {
+        let Some(v) = self.verify.take() else {
+            return;
+        };
+        if let Some((s, n)) = v.run {
+            self.log(format!("Out of sync: start={s}, size={n} (sectors)"));
+        }
+        let secs = self.now.saturating_sub(v.started).as_secs().max(1);
+        self.log(format!(
+            "Online verify done (total {secs} sec; paused 0 sec; {} K/sec)",
+            v.done * 4 / secs
+        ));
+        if v.found > 0 {
+            self.log(format!(
+                "Online verify found {} 4k block out of sync!",
+                v.found
+            ));
+        }
+        self.set_conn(ConnState::Connected);
+        self.persist_bitmap();
+    }
+
     /// The peer asks whether it may change the state (8.4 `receive_req_state`): a cluster-wide
     /// change such as its promotion (`P_STATE_CHG_REQ`) or its disconnect
     /// (`P_CONN_ST_CHG_REQ`). `mask`/`val` are in the peer's view: its `role` is our
@@ -3851,7 +4243,22 @@ impl Device {
     /// become a second Primary without `allow-two-primaries`. The change itself arrives
     /// afterwards as `P_STATE`.
     fn state_change_requested(&mut self, mask: u32, val: u32, connection: bool) -> i32 {
-        use crate::replication::msg::state_word::{get, selects, ROLE};
+        use crate::replication::msg::state_word::{get, selects, CONN, ROLE};
+        if !connection
+            && selects(mask, CONN)
+            && get(val, CONN) == u32::from(ConnState::VerifyS.wire())
+        {
+            // The peer starts an online verify: this node answers as VerifyT.
+            if let Err(refusal) = self.verify_possible() {
+                self.log(format!(
+                    "refusing the peer's online verify: {}",
+                    refusal.text()
+                ));
+                return refusal.code();
+            }
+            self.begin_verify(false);
+            return 1;
+        }
         let peer_becomes_primary =
             selects(mask, ROLE) && get(val, ROLE) == u32::from(Role::Primary.wire());
         if peer_becomes_primary && self.role == Role::Primary && !self.cfg.two_primaries {

@@ -10,5 +10,6 @@
 pub mod activity_log;
 pub mod bitmap;
 pub mod device;
+pub mod digest;
 pub mod msg;
 pub mod status;

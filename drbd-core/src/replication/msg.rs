@@ -32,6 +32,10 @@ pub mod dp {
 
 /// `block_id` of resync and verify requests (`ID_SYNCER`).
 pub const ID_SYNCER: u64 = u64::MAX;
+/// `block_id` of a `P_OV_RESULT` for a block found identical.
+pub const ID_IN_SYNC: u64 = 4711;
+/// `block_id` of a `P_OV_RESULT` for a block found different.
+pub const ID_OUT_OF_SYNC: u64 = 4712;
 
 /// Which of the two TCP sockets a message travels on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +144,18 @@ pub enum PeerMsg {
     },
     /// `P_NEG_RS_DREPLY`: the SyncSource could not read the block.
     NegRsDReply(Ack),
+    /// `P_OV_REQUEST`: online verify asks for the digest of a block.
+    OvRequest(BlockReq),
+    /// `P_OV_REPLY`: the digest (verify-alg) of the requested block.
+    OvReply {
+        sector: u64,
+        block_id: u64,
+        size: u32,
+        digest: Bytes,
+    },
+    /// `P_OV_RESULT`: the verdict on a block (`block_id` [`ID_IN_SYNC`] or
+    /// [`ID_OUT_OF_SYNC`]).
+    OvResult(Ack),
     /// `P_OUT_OF_SYNC`: mark the range out of sync.
     OutOfSync { sector: u64, size: u32 },
     /// `P_UUIDS` after the handshake (new current UUID, skip initial sync).
@@ -221,6 +237,7 @@ impl PeerMsg {
             | PeerMsg::NegAck(_)
             | PeerMsg::Superseded(_)
             | PeerMsg::RetryWrite(_)
+            | PeerMsg::OvResult(_)
             | PeerMsg::NegDReply(_)
             | PeerMsg::NegRsDReply(_)
             | PeerMsg::StateChgReply { .. }
@@ -244,6 +261,9 @@ impl PeerMsg {
             PeerMsg::NegAck(_) => "P_NEG_ACK",
             PeerMsg::Superseded(_) => "P_SUPERSEDED",
             PeerMsg::RetryWrite(_) => "P_RETRY_WRITE",
+            PeerMsg::OvRequest(_) => "P_OV_REQUEST",
+            PeerMsg::OvReply { .. } => "P_OV_REPLY",
+            PeerMsg::OvResult(_) => "P_OV_RESULT",
             PeerMsg::DataRequest(_) => "P_DATA_REQUEST",
             PeerMsg::DataReply { .. } => "P_DATA_REPLY",
             PeerMsg::NegDReply(_) => "P_NEG_DREPLY",

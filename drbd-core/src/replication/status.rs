@@ -74,16 +74,20 @@ pub enum StateRefusal {
     TwoPrimaries,
     /// -2: promotion (or a resync source) without UpToDate data.
     NoUpToDateDisk,
-    /// -3: resync requested without a local disk.
+    /// -4: resync requested without a local disk.
     NoLocalDisk,
-    /// -4: resync requested without the peer's disk.
+    /// -5: resync requested without the peer's disk.
     NoRemoteDisk,
-    /// -7: promotion while the peer might hold newer data (fencing).
+    /// -7 (`SS_PRIMARY_NOP`): promotion while the peer might hold newer data (fencing).
     PeerNotOutdated,
+    /// -8: a resync or verify is already running.
+    ResyncRunning,
     /// -10: the peer refused the change.
     RefusedByPeer,
     /// -12: demotion while the device is in use.
     DeviceInUse,
+    /// -14: online verify without a `verify-alg`.
+    NoVerifyAlg,
     /// -15: the request needs a connection.
     NeedConnection,
     /// -16: the disk is worse than Outdated.
@@ -98,15 +102,37 @@ impl StateRefusal {
         match self {
             StateRefusal::TwoPrimaries => -1,
             StateRefusal::NoUpToDateDisk => -2,
-            StateRefusal::NoLocalDisk => -3,
-            StateRefusal::NoRemoteDisk => -4,
+            StateRefusal::NoLocalDisk => -4,
+            StateRefusal::NoRemoteDisk => -5,
             StateRefusal::PeerNotOutdated => -7,
+            StateRefusal::ResyncRunning => -8,
             StateRefusal::RefusedByPeer => -10,
             StateRefusal::DeviceInUse => -12,
+            StateRefusal::NoVerifyAlg => -14,
             StateRefusal::NeedConnection => -15,
             StateRefusal::LowerThanOutdated => -16,
             StateRefusal::ConcurrentChange => -19,
         }
+    }
+
+    /// The refusal of a `drbd_state_rv` number, if it is one of these.
+    pub fn from_code(code: i32) -> Option<StateRefusal> {
+        [
+            StateRefusal::TwoPrimaries,
+            StateRefusal::NoUpToDateDisk,
+            StateRefusal::NoLocalDisk,
+            StateRefusal::NoRemoteDisk,
+            StateRefusal::PeerNotOutdated,
+            StateRefusal::ResyncRunning,
+            StateRefusal::RefusedByPeer,
+            StateRefusal::DeviceInUse,
+            StateRefusal::NoVerifyAlg,
+            StateRefusal::NeedConnection,
+            StateRefusal::LowerThanOutdated,
+            StateRefusal::ConcurrentChange,
+        ]
+        .into_iter()
+        .find(|r| r.code() == code)
     }
 
     /// DRBD's text for the code.
@@ -117,8 +143,10 @@ impl StateRefusal {
             StateRefusal::NoLocalDisk => "Can not resync without local disk",
             StateRefusal::NoRemoteDisk => "Can not resync without remote disk",
             StateRefusal::PeerNotOutdated => "Refusing to be Primary while peer is not outdated",
+            StateRefusal::ResyncRunning => "Can not start OV/resync since it is already active",
             StateRefusal::RefusedByPeer => "State change was refused by peer node",
             StateRefusal::DeviceInUse => "Device is held open by someone",
+            StateRefusal::NoVerifyAlg => "Need a verify algorithm to start online verify",
             StateRefusal::NeedConnection => "Need a connection to start verify or resync",
             StateRefusal::LowerThanOutdated => "Disk state is lower than outdated",
             StateRefusal::ConcurrentChange => "Concurrent state changes detected and aborted",
@@ -165,6 +193,8 @@ pub enum AdminRequest {
     NewCurrentUuid {
         clear_bitmap: bool,
     },
+    /// Start an online verify of the whole device (`verify`).
+    Verify,
     /// Pause / resume the resync (`pause-sync`, `resume-sync`).
     PauseSync,
     ResumeSync,

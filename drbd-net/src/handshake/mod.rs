@@ -390,7 +390,18 @@ impl Handshake {
                 };
                 let v = &mut self.peer_volumes[idx];
                 match packet {
-                    Packet::SyncParam(s) | Packet::SyncParam89(s) => v.sync_param = Some(s),
+                    Packet::SyncParam(s) | Packet::SyncParam89(s) => {
+                        // As 8.4's receive_SyncParam while connecting: both nodes digest
+                        // with the same algorithms or not at all.
+                        let mine = &self.cfg.volumes[idx].sync_param;
+                        if s.verify_alg() != mine.verify_alg() {
+                            return self.fail(HandshakeError::Incompatible("verify-alg settings"));
+                        }
+                        if s.csums_alg() != mine.csums_alg() {
+                            return self.fail(HandshakeError::Incompatible("csums-alg settings"));
+                        }
+                        v.sync_param = Some(s);
+                    }
                     Packet::Sizes(s) => v.sizes = Some(s),
                     Packet::Uuids(u) => v.uuids = Some(u),
                     Packet::State(s) => v.state = Some(s),
