@@ -19,7 +19,8 @@
 use std::borrow::Cow;
 
 use drbd_core::replication::msg::{
-    dp, Ack, BlockReq, PeerHello as CorePeerHello, PeerMsg, PeerState, Socket,
+    dp, Ack, BlockReq, PeerHello as CorePeerHello, PeerMsg, PeerState, ProtocolSettings, Socket,
+    SyncSettings,
 };
 use drbd_core::uuid::UuidInfo;
 
@@ -215,6 +216,65 @@ fn block_request(r: &BlockReq) -> BlockRequest {
     }
 }
 
+/// The resync settings as the layout of `protocol_version` carries them.
+fn sync_param(p: &SyncSettings, protocol_version: u32) -> wire::SyncParam {
+    let resync_rate = p.rate_kib;
+    let (verify_alg, csums_alg) = (p.verify_alg.clone(), p.csums_alg.clone());
+    match protocol_version {
+        v if v >= 95 => {
+            let d = match wire::SyncParam::default() {
+                wire::SyncParam::Controller {
+                    c_plan_ahead,
+                    c_delay_target,
+                    c_fill_target,
+                    c_max_rate,
+                    ..
+                } => [c_plan_ahead, c_delay_target, c_fill_target, c_max_rate],
+                _ => [20, 10, 100, 102_400],
+            };
+            let [c_plan_ahead, c_delay_target, c_fill_target, c_max_rate] =
+                p.controller.unwrap_or(d);
+            wire::SyncParam::Controller {
+                resync_rate,
+                verify_alg,
+                csums_alg,
+                c_plan_ahead,
+                c_delay_target,
+                c_fill_target,
+                c_max_rate,
+            }
+        }
+        89..=94 => wire::SyncParam::Algs {
+            resync_rate,
+            verify_alg,
+            csums_alg,
+        },
+        88 => wire::SyncParam::Verify {
+            resync_rate,
+            verify_alg,
+        },
+        _ => wire::SyncParam::Rate { resync_rate },
+    }
+}
+
+fn sync_settings(p: &wire::SyncParam) -> SyncSettings {
+    SyncSettings {
+        rate_kib: p.resync_rate(),
+        controller: match p {
+            wire::SyncParam::Controller {
+                c_plan_ahead,
+                c_delay_target,
+                c_fill_target,
+                c_max_rate,
+                ..
+            } => Some([*c_plan_ahead, *c_delay_target, *c_fill_target, *c_max_rate]),
+            _ => None,
+        },
+        verify_alg: p.verify_alg().to_string(),
+        csums_alg: p.csums_alg().to_string(),
+    }
+}
+
 fn block_req(r: &BlockRequest) -> BlockReq {
     BlockReq {
         sector: r.sector,
@@ -348,6 +408,24 @@ fn push_frames(
             digest: digest.clone(),
         }),
         PeerMsg::OvResult(a) => Packet::OvResult(block_ack(a)),
+        PeerMsg::SyncParam(p) => {
+            let sp = sync_param(p, ctx.protocol_version);
+            if ctx.protocol_version >= 89 {
+                Packet::SyncParam89(sp)
+            } else {
+                Packet::SyncParam(sp)
+            }
+        }
+        PeerMsg::ProtocolUpdate(p) => Packet::ProtocolUpdate(wire::Protocol {
+            protocol: p.wire_protocol,
+            // In the receiver's view, as the receiver mirrors them back.
+            after_sb_0p: handshake::asb::mirrored(p.after_sb[0]),
+            after_sb_1p: handshake::asb::mirrored(p.after_sb[1]),
+            after_sb_2p: handshake::asb::mirrored(p.after_sb[2]),
+            conn_flags: 0,
+            two_primaries: u32::from(p.two_primaries),
+            integrity_alg: p.integrity_alg.clone(),
+        }),
         PeerMsg::NegDReply(a) => Packet::NegDReply(block_ack(a)),
         PeerMsg::NegRsDReply(a) => Packet::NegRsDReply(block_ack(a)),
         PeerMsg::DataRequest(r) => Packet::DataRequest(block_request(r)),
@@ -645,6 +723,17 @@ impl MsgDecoder {
                 }
             }
             Packet::OvResult(a) => PeerMsg::OvResult(ack(&a)),
+            Packet::SyncParam(p) | Packet::SyncParam89(p) => PeerMsg::SyncParam(sync_settings(&p)),
+            Packet::ProtocolUpdate(p) => PeerMsg::ProtocolUpdate(ProtocolSettings {
+                wire_protocol: p.protocol,
+                after_sb: [
+                    handshake::asb::mirrored(p.after_sb_0p),
+                    handshake::asb::mirrored(p.after_sb_1p),
+                    handshake::asb::mirrored(p.after_sb_2p),
+                ],
+                two_primaries: p.two_primaries != 0,
+                integrity_alg: p.integrity_alg,
+            }),
             Packet::NegDReply(a) => PeerMsg::NegDReply(ack(&a)),
             Packet::NegRsDReply(a) => PeerMsg::NegRsDReply(ack(&a)),
             Packet::DataRequest(r) => PeerMsg::DataRequest(block_req(&r)),

@@ -528,10 +528,13 @@ fn nbd_write(lab: &Lab, block: u64, data: &[u8]) {
     nbd.flush().expect("NBD flush");
 }
 
-/// Scenario 9a: protocol A, then protocol B (both configurations, before connecting):
-/// writes on the kernel and through our NBD export reach the other disk.
+/// Scenario 9a: protocol A, then B, then C, changed on the live connection on the kernel
+/// side (`net-options --protocol`: P_PROTOCOL_UPDATE and P_SYNC_PARAM89 while connected,
+/// adopted by our node, which stays connected): writes on the kernel and through our NBD
+/// export reach the other disk, acknowledged as each protocol asks. A resync-rate change
+/// (`disk-options`) on the live connection is adopted too.
 #[test]
-fn protocols_a_and_b_replicate_both_ways() {
+fn protocols_a_b_c_switched_on_the_live_connection() {
     if lab_skip() {
         return;
     }
@@ -543,17 +546,22 @@ fn protocols_a_and_b_replicate_both_ways() {
     lab.kernel_adm("primary --force");
     lab.wait_in_sync(120);
     let mut windows = Vec::new();
-    for (i, proto) in ['A', 'B'].into_iter().enumerate() {
+    for (i, proto) in ['A', 'B', 'C'].into_iter().enumerate() {
         if proto != 'A' {
-            // Both down, both configurations changed, both up again.
-            lab.kernel_adm("down");
-            lab.adm_ok(&["down", "r0"]);
-            lab.spec.protocol = proto;
-            lab.write_kernel_conf();
-            lab.write_our_conf();
-            lab.kernel_adm("up");
-            lab.adm_ok(&["up", "r0"]);
-            lab.wait_in_sync(60);
+            let mark = lab.log_mark();
+            let prev = ['A', 'B', 'C'][i - 1];
+            lab.kernel_adm(&format!("net-options --protocol={proto}"));
+            let want = format!("protocol {prev} -> {proto}");
+            assert!(
+                eventually(Duration::from_secs(10), || lab
+                    .log_since(mark)
+                    .contains(&want)),
+                "our log does not show '{want}':\n{}",
+                lab.log_since(mark)
+            );
+            let log = lab.log_since(mark);
+            assert!(!log.contains("connection lost"), "{log}");
+            assert_eq!(lab.cstate(), "Connected");
         }
         let st = lab.kernel_state();
         assert!(st.contains(&format!(" {proto} ")), "kernel: {st}");
@@ -594,20 +602,36 @@ fn protocols_a_and_b_replicate_both_ways() {
         lab.assert_same_data();
         windows.push((proto, t0, now()));
     }
+    // A resync-rate change on the live connection arrives as P_SYNC_PARAM89 alone.
+    let mark = lab.log_mark();
+    lab.kernel_adm("disk-options --resync-rate=20M");
+    let want = "the peer changed the resync settings: resync-rate 20480 KiB/s";
+    assert!(
+        eventually(Duration::from_secs(10), || lab
+            .log_since(mark)
+            .contains(want)),
+        "our log:\n{}",
+        lab.log_since(mark)
+    );
+    assert_eq!(lab.cstate(), "Connected");
     let cap = lab.finish();
     for (proto, t0, t1) in windows {
-        let recv = cap.count(P_RECV_ACK, None, Some(t0), Some(t1));
-        let write = cap.count(P_WRITE_ACK, None, Some(t0), Some(t1));
-        let (want_recv, want_write) = match proto {
-            'A' => (false, false),
-            _ => (true, false),
-        };
-        assert_eq!(
-            (recv > 0, write > 0),
-            (want_recv, want_write),
-            "protocol {proto}: {recv} P_RECV_ACK, {write} P_WRITE_ACK; {}",
-            cap.summary()
-        );
+        // Each side acknowledges the other's writes as the protocol of the moment asks.
+        for src in [KERNEL_IP, HOST_IP] {
+            let recv = cap.count(P_RECV_ACK, Some(src), Some(t0), Some(t1));
+            let write = cap.count(P_WRITE_ACK, Some(src), Some(t0), Some(t1));
+            let (want_recv, want_write) = match proto {
+                'A' => (false, false),
+                'B' => (true, false),
+                _ => (false, true),
+            };
+            assert_eq!(
+                (recv > 0, write > 0),
+                (want_recv, want_write),
+                "protocol {proto}, acks from {src}: {recv} P_RECV_ACK, {write} P_WRITE_ACK; {}",
+                cap.summary()
+            );
+        }
     }
 }
 

@@ -2535,6 +2535,8 @@ impl Device {
                 self.check_range(a.sector, a.size, "P_OV_RESULT")?;
                 self.verify_result(a)
             }
+            PeerMsg::SyncParam(p) => self.peer_sync_settings(p),
+            PeerMsg::ProtocolUpdate(p) => self.peer_protocol_update(p),
             // The transport answers the peer's pings itself; a device answers those that
             // reach it (the simulation delivers them).
             PeerMsg::Ping => {
@@ -3949,6 +3951,95 @@ impl Device {
             let info = self.uuid_info();
             self.send(PeerMsg::Uuids(info));
         }
+    }
+
+    /// The peer changed its resync settings while connected (`disk-options`, `adjust`): as
+    /// 8.4 does, this node adopts them, so that both run the same resync.
+    fn peer_sync_settings(
+        &mut self,
+        p: crate::replication::msg::SyncSettings,
+    ) -> Result<(), ProtocolError> {
+        let verify_alg = match p.verify_alg.as_str() {
+            "" => None,
+            name => Some(
+                DigestAlg::from_name(name)
+                    .map_err(|e| ProtocolError(format!("P_SYNC_PARAM: verify-alg: {e}")))?,
+            ),
+        };
+        let r = &mut self.cfg.resync;
+        r.rate_kib = p.rate_kib;
+        if let Some([plan_ahead, delay_target, fill_target, max_rate]) = p.controller {
+            r.c_plan_ahead = plan_ahead;
+            r.c_delay_target = delay_target;
+            r.c_fill_target = fill_target;
+            r.c_max_rate = max_rate;
+        }
+        self.cfg.verify_alg = verify_alg;
+        self.log(format!(
+            "the peer changed the resync settings: resync-rate {} KiB/s{}{}",
+            p.rate_kib,
+            p.controller
+                .map(|c| format!(
+                    ", c-plan-ahead {} c-delay-target {} c-fill-target {} c-max-rate {}",
+                    c[0], c[1], c[2], c[3]
+                ))
+                .unwrap_or_default(),
+            verify_alg
+                .map(|a| format!(", verify-alg {}", a.name()))
+                .unwrap_or_default()
+        ));
+        Ok(())
+    }
+
+    /// The peer changed the connection settings while connected (`net-options`, `adjust`;
+    /// `P_PROTOCOL_UPDATE`): as 8.4 does, this node adopts them. Protocol A, B or C applies
+    /// to the writes issued from now on.
+    fn peer_protocol_update(
+        &mut self,
+        p: crate::replication::msg::ProtocolSettings,
+    ) -> Result<(), ProtocolError> {
+        use crate::uuid::AfterSbPolicy;
+        let protocol = match p.wire_protocol {
+            1 => Protocol::A,
+            2 => Protocol::B,
+            3 => Protocol::C,
+            other => {
+                return Err(ProtocolError(format!(
+                    "P_PROTOCOL_UPDATE: unknown protocol {other}"
+                )))
+            }
+        };
+        if !p.integrity_alg.is_empty() {
+            return Err(ProtocolError(format!(
+                "P_PROTOCOL_UPDATE: data-integrity-alg {} is not supported",
+                p.integrity_alg
+            )));
+        }
+        if p.two_primaries && protocol != Protocol::C {
+            return Err(ProtocolError(
+                "P_PROTOCOL_UPDATE: allow-two-primaries without protocol C".into(),
+            ));
+        }
+        let policy = |n: u32| {
+            AfterSbPolicy::from_wire(n).ok_or_else(|| {
+                ProtocolError(format!("P_PROTOCOL_UPDATE: unknown after-sb policy {n}"))
+            })
+        };
+        let mut sb = self.cfg.split_brain;
+        sb.after_sb_0pri = policy(p.after_sb[0])?;
+        sb.after_sb_1pri = policy(p.after_sb[1])?;
+        sb.after_sb_2pri = policy(p.after_sb[2])?;
+        let old = self.cfg.protocol;
+        self.cfg.protocol = protocol;
+        self.cfg.two_primaries = p.two_primaries;
+        self.cfg.split_brain = sb;
+        self.log(format!(
+            "the peer changed the connection settings: protocol {} -> {}, allow-two-primaries {}",
+            old.letter(),
+            protocol.letter(),
+            if p.two_primaries { "yes" } else { "no" }
+        ));
+        Ok(())
     }
 
     // --------------------------------------------------------------------------------------

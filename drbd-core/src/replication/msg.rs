@@ -86,6 +86,32 @@ pub struct PeerHello {
     pub discard_my_data: bool,
 }
 
+/// Resync settings a peer announces (`P_SYNC_PARAM*`), adopted when they change while
+/// connected (8.4 `receive_SyncParam`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// resync-rate (KiB/s).
+    pub rate_kib: u32,
+    /// c-plan-ahead (0.1 s), c-delay-target (0.1 s), c-fill-target (sectors), c-max-rate
+    /// (KiB/s): present from protocol 95 on.
+    pub controller: Option<[u32; 4]>,
+    pub verify_alg: String,
+    pub csums_alg: String,
+}
+
+/// Connection settings a peer changed while connected (`P_PROTOCOL_UPDATE`), adopted as
+/// they come (8.4 `receive_protocol`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolSettings {
+    /// 1 = A, 2 = B, 3 = C.
+    pub wire_protocol: u32,
+    /// after-sb-0pri, -1pri, -2pri in this node's view (the peer's discard-local is our
+    /// discard-remote).
+    pub after_sb: [u32; 3],
+    pub two_primaries: bool,
+    pub integrity_alg: String,
+}
+
 /// One message between peers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMsg {
@@ -156,6 +182,10 @@ pub enum PeerMsg {
     /// `P_OV_RESULT`: the verdict on a block (`block_id` [`ID_IN_SYNC`] or
     /// [`ID_OUT_OF_SYNC`]).
     OvResult(Ack),
+    /// `P_SYNC_PARAM` / `P_SYNC_PARAM89` after the handshake.
+    SyncParam(SyncSettings),
+    /// `P_PROTOCOL_UPDATE`.
+    ProtocolUpdate(ProtocolSettings),
     /// `P_OUT_OF_SYNC`: mark the range out of sync.
     OutOfSync { sector: u64, size: u32 },
     /// `P_UUIDS` after the handshake (new current UUID, skip initial sync).
@@ -264,6 +294,8 @@ impl PeerMsg {
             PeerMsg::OvRequest(_) => "P_OV_REQUEST",
             PeerMsg::OvReply { .. } => "P_OV_REPLY",
             PeerMsg::OvResult(_) => "P_OV_RESULT",
+            PeerMsg::SyncParam(_) => "P_SYNC_PARAM89",
+            PeerMsg::ProtocolUpdate(_) => "P_PROTOCOL_UPDATE",
             PeerMsg::DataRequest(_) => "P_DATA_REQUEST",
             PeerMsg::DataReply { .. } => "P_DATA_REPLY",
             PeerMsg::NegDReply(_) => "P_NEG_DREPLY",

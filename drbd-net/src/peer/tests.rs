@@ -154,6 +154,28 @@ fn every_variant() -> Vec<PeerMsg> {
         PeerMsg::NegRsDReply(ack(8)),
         PeerMsg::Superseded(ack(9)),
         PeerMsg::RetryWrite(ack(10)),
+        PeerMsg::OvRequest(BlockReq {
+            sector: 64,
+            block_id: drbd_core::replication::msg::ID_SYNCER,
+            size: 4096,
+        }),
+        PeerMsg::OvReply {
+            sector: 64,
+            block_id: drbd_core::replication::msg::ID_SYNCER,
+            size: 4096,
+            digest: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]),
+        },
+        PeerMsg::OvResult(Ack {
+            block_id: drbd_core::replication::msg::ID_OUT_OF_SYNC,
+            ..ack(11)
+        }),
+        PeerMsg::ProtocolUpdate(ProtocolSettings {
+            wire_protocol: 1,
+            // discard-younger-primary, discard-local, disconnect
+            after_sb: [1, 5, 0],
+            two_primaries: false,
+            integrity_alg: String::new(),
+        }),
         PeerMsg::OutOfSync {
             sector: 1 << 30,
             size: 4096,
@@ -454,8 +476,6 @@ fn decode_one(dec: &mut MsgDecoder, packet: Packet) -> Result<Option<PeerMsg>, P
 fn packets_the_core_does_not_handle_are_errors() {
     let mut dec = MsgDecoder::new(0, 64);
     for packet in [
-        Packet::SyncParam89(SyncParam::default()),
-        Packet::ProtocolUpdate(Protocol::default()),
         Packet::Protocol(Protocol::default()),
         Packet::InitialData,
         Packet::AuthChallenge(block(64, 1)),
@@ -705,4 +725,29 @@ fn agreed_size_is_symmetric_and_ignores_missing_disks() {
     assert_eq!(bitmap_bits(1), 1);
     assert_eq!(bitmap_bits(8), 1);
     assert_eq!(bitmap_bits(9), 2);
+}
+
+#[test]
+fn sync_settings_travel_in_the_layout_of_the_agreed_version() {
+    let full = SyncSettings {
+        rate_kib: 40_960,
+        controller: Some([30, 20, 200, 51_200]),
+        verify_alg: "sha1".into(),
+        csums_alg: "md5".into(),
+    };
+    let msg = PeerMsg::SyncParam(full.clone());
+    assert_eq!(round_trip(&msg, &V101, 0, false), msg);
+    assert_eq!(round_trip(&msg, &V96, 0, false), msg);
+    // Protocol 86 carries the rate only, in P_SYNC_PARAM.
+    let f = frames(&msg, &V86, 0, false);
+    assert_eq!(f[0].packet.command().name(), "P_SYNC_PARAM");
+    assert_eq!(
+        round_trip(&msg, &V86, 0, false),
+        PeerMsg::SyncParam(SyncSettings {
+            rate_kib: 40_960,
+            controller: None,
+            verify_alg: String::new(),
+            csums_alg: String::new(),
+        })
+    );
 }
