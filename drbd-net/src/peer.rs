@@ -222,18 +222,10 @@ fn sync_param(p: &SyncSettings, protocol_version: u32) -> wire::SyncParam {
     let (verify_alg, csums_alg) = (p.verify_alg.clone(), p.csums_alg.clone());
     match protocol_version {
         v if v >= 95 => {
-            let d = match wire::SyncParam::default() {
-                wire::SyncParam::Controller {
-                    c_plan_ahead,
-                    c_delay_target,
-                    c_fill_target,
-                    c_max_rate,
-                    ..
-                } => [c_plan_ahead, c_delay_target, c_fill_target, c_max_rate],
-                _ => [20, 10, 100, 102_400],
-            };
-            let [c_plan_ahead, c_delay_target, c_fill_target, c_max_rate] =
-                p.controller.unwrap_or(d);
+            let [c_plan_ahead, c_delay_target, c_fill_target, c_max_rate] = p
+                .controller
+                .or_else(|| wire::SyncParam::default().controller())
+                .unwrap_or([20, 10, 100, 102_400]);
             wire::SyncParam::Controller {
                 resync_rate,
                 verify_alg,
@@ -260,16 +252,7 @@ fn sync_param(p: &SyncSettings, protocol_version: u32) -> wire::SyncParam {
 fn sync_settings(p: &wire::SyncParam) -> SyncSettings {
     SyncSettings {
         rate_kib: p.resync_rate(),
-        controller: match p {
-            wire::SyncParam::Controller {
-                c_plan_ahead,
-                c_delay_target,
-                c_fill_target,
-                c_max_rate,
-                ..
-            } => Some([*c_plan_ahead, *c_delay_target, *c_fill_target, *c_max_rate]),
-            _ => None,
-        },
+        controller: p.controller(),
         verify_alg: p.verify_alg().to_string(),
         csums_alg: p.csums_alg().to_string(),
     }

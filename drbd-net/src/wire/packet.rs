@@ -353,6 +353,20 @@ impl SyncParam {
         }
     }
 
+    /// c-plan-ahead, c-delay-target, c-fill-target and c-max-rate, where the layout has them.
+    pub fn controller(&self) -> Option<[u32; 4]> {
+        match self {
+            SyncParam::Controller {
+                c_plan_ahead,
+                c_delay_target,
+                c_fill_target,
+                c_max_rate,
+                ..
+            } => Some([*c_plan_ahead, *c_delay_target, *c_fill_target, *c_max_rate]),
+            _ => None,
+        }
+    }
+
     /// The csums algorithm ("" where the layout has none).
     pub fn csums_alg(&self) -> &str {
         match self {
