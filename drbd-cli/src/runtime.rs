@@ -61,6 +61,12 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         }
         _ => None,
     };
+    let csums_alg = match m.value("csums-alg") {
+        Some(v) if !v.is_empty() => {
+            Some(DigestAlg::from_name(&v).map_err(|e| format!("csums-alg: {e}"))?)
+        }
+        _ => None,
+    };
     let d = ResyncRate::default();
     Ok(DeviceConfig {
         protocol,
@@ -78,6 +84,8 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         split_brain,
         two_primaries: m.flag("allow-two-primaries"),
         verify_alg,
+        csums_alg,
+        csums_after_crash_only: m.flag("csums-after-crash-only"),
         rng_seed: 0,
     })
 }

@@ -391,6 +391,20 @@ fn push_frames(
             digest: digest.clone(),
         }),
         PeerMsg::OvResult(a) => Packet::OvResult(block_ack(a)),
+        PeerMsg::CsumRsRequest {
+            sector,
+            block_id,
+            size,
+            digest,
+        } => Packet::CsumRsRequest(DigestRequest {
+            request: block_request(&BlockReq {
+                sector: *sector,
+                block_id: *block_id,
+                size: *size,
+            }),
+            digest: digest.clone(),
+        }),
+        PeerMsg::RsIsInSync(a) => Packet::RsIsInSync(block_ack(a)),
         PeerMsg::SyncParam(p) => {
             let sp = sync_param(p, ctx.protocol_version);
             if ctx.protocol_version >= 89 {
@@ -706,6 +720,16 @@ impl MsgDecoder {
                 }
             }
             Packet::OvResult(a) => PeerMsg::OvResult(ack(&a)),
+            Packet::CsumRsRequest(d) => {
+                let q = block_req(&d.request);
+                PeerMsg::CsumRsRequest {
+                    sector: q.sector,
+                    block_id: q.block_id,
+                    size: q.size,
+                    digest: d.digest,
+                }
+            }
+            Packet::RsIsInSync(a) => PeerMsg::RsIsInSync(ack(&a)),
             Packet::SyncParam(p) | Packet::SyncParam89(p) => PeerMsg::SyncParam(sync_settings(&p)),
             Packet::ProtocolUpdate(p) => PeerMsg::ProtocolUpdate(ProtocolSettings {
                 wire_protocol: p.protocol,

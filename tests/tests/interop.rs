@@ -1207,3 +1207,98 @@ fn online_verify_with_the_kernel_from_either_side() {
 const P_OV_REQUEST: u16 = 0x1e;
 const P_OV_REPLY: u16 = 0x1f;
 const P_OV_RESULT: u16 = 0x20;
+
+/// `P_CSUM_RS_REQUEST` and `P_RS_IS_IN_SYNC`: checksum-based resync.
+const P_CSUM_RS_REQUEST: u16 = 0x21;
+const P_RS_IS_IN_SYNC: u16 = 0x22;
+
+/// Checksum-based resync (`csums-alg md5`) both ways on identical disks, and full syncs
+/// started by `invalidate` / `invalidate-remote` on either side (8.4's cluster-wide
+/// StartingSyncS / StartingSyncT requests): the SyncSource answers the target's digests with
+/// P_RS_IS_IN_SYNC and no block travels.
+#[test]
+fn checksum_based_resync_both_ways() {
+    if lab_skip() {
+        return;
+    }
+    let side = tests::lab::Side {
+        net_extra: "csums-alg md5;".into(),
+        ..tests::lab::Side::default()
+    };
+    let mut lab = Lab::new(LabSpec {
+        ours: side.clone(),
+        kernel: side,
+        random_disks: false,
+        ..LabSpec::default()
+    });
+    connect(&mut lab, "kernel");
+    let mut windows = Vec::new();
+    let t0 = now();
+    lab.kernel_adm("primary --force");
+    lab.wait_in_sync(120);
+    windows.push(("kernel primary --force", HOST_IP, t0, now()));
+    assert!(lab.log().contains("checksum based"), "{}", lab.log());
+    lab.kernel_adm("secondary");
+    for (what, target) in [
+        ("ours invalidate-remote", KERNEL_IP),
+        ("kernel invalidate", KERNEL_IP),
+        ("ours invalidate", HOST_IP),
+        ("kernel invalidate-remote", HOST_IP),
+    ] {
+        let mark = lab.dmesg_mark();
+        let t0 = now();
+        match what {
+            "ours invalidate-remote" => drop(lab.adm_ok(&["invalidate-remote", "r0"])),
+            "ours invalidate" => drop(lab.adm_ok(&["invalidate", "r0"])),
+            "kernel invalidate" => drop(lab.kernel_adm("invalidate")),
+            _ => drop(lab.kernel_adm("invalidate-remote")),
+        }
+        let done = if target == KERNEL_IP {
+            "Resync done"
+        } else {
+            "Began resync as SyncSource"
+        };
+        assert!(
+            eventually(Duration::from_secs(60), || lab
+                .dmesg_since(mark)
+                .contains(done)),
+            "{what}: {}",
+            lab.dmesg_since(mark)
+        );
+        lab.wait_in_sync(60);
+        let dmesg = lab.dmesg_since(mark);
+        if target == KERNEL_IP {
+            assert!(
+                dmesg.contains("100 % had equal checksums"),
+                "{what}: {dmesg}"
+            );
+        }
+        windows.push((what, target, t0, now()));
+    }
+    assert!(
+        lab.log().matches("100 % had equal checksums").count() >= 3,
+        "{}",
+        lab.log()
+    );
+    lab.assert_same_data();
+    let cap = lab.finish();
+    assert_eq!(
+        cap.count(cmd::P_RS_DATA_REPLY, None, None, None),
+        0,
+        "{}",
+        cap.summary()
+    );
+    for (what, target, t0, t1) in windows {
+        let source = if target == HOST_IP {
+            KERNEL_IP
+        } else {
+            HOST_IP
+        };
+        let asked = cap.count(P_CSUM_RS_REQUEST, Some(target), Some(t0), Some(t1));
+        let same = cap.count(P_RS_IS_IN_SYNC, Some(source), Some(t0), Some(t1));
+        assert!(
+            asked > 0 && same > 0,
+            "{what}: {asked} digests, {same} in-sync answers"
+        );
+    }
+}

@@ -156,6 +156,11 @@ pub struct DeviceConfig {
     pub two_primaries: bool,
     /// `verify-alg`: online verify needs it on both nodes.
     pub verify_alg: Option<DigestAlg>,
+    /// `csums-alg`: a SyncTarget asks with the digest of its own block, and only blocks
+    /// whose digests differ travel.
+    pub csums_alg: Option<DigestAlg>,
+    /// `csums-after-crash-only`: checksums only for the resync after a Primary crashed.
+    pub csums_after_crash_only: bool,
     /// Seed of the generator for new UUIDs.
     pub rng_seed: u64,
 }
@@ -171,6 +176,8 @@ impl Default for DeviceConfig {
             split_brain: SplitBrainPolicy::default(),
             two_primaries: false,
             verify_alg: None,
+            csums_alg: None,
+            csums_after_crash_only: false,
             rng_seed: 0x5eed,
         }
     }
@@ -417,12 +424,14 @@ enum Conflict {
 }
 
 /// A read for the peer (data request or resync request).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct PeerRead {
     sector: u64,
     len: u32,
     block_id: u64,
     resync: bool,
+    /// Checksum-based resync: the SyncTarget's digest of the block.
+    digest: Option<Bytes>,
     conn_gen: u64,
 }
 
@@ -441,6 +450,12 @@ enum IoPurpose {
         len: u32,
         block_id: u64,
         peer_digest: Option<Bytes>,
+        conn_gen: u64,
+    },
+    /// Checksum-based resync: the SyncTarget reads a block to digest it for its request.
+    CsumRead {
+        sector: u64,
+        len: u32,
         conn_gen: u64,
     },
     BarrierFlush {
@@ -462,6 +477,27 @@ enum IoPurpose {
     Meta,
     /// A superblock write that application writes wait for.
     MetaGate,
+}
+
+/// A cluster-wide state change this node asked the peer for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StateRequest {
+    /// `verify`: VerifyS here, VerifyT there.
+    Verify,
+    /// `invalidate`: a full sync to this node.
+    FullSyncAsTarget,
+    /// `invalidate-remote`: a full sync to the peer.
+    FullSyncAsSource,
+}
+
+impl StateRequest {
+    fn what(self) -> &'static str {
+        match self {
+            StateRequest::Verify => "online verify",
+            StateRequest::FullSyncAsTarget => "invalidate",
+            StateRequest::FullSyncAsSource => "invalidate-remote",
+        }
+    }
 }
 
 /// A running online verify (`VerifyS` asks, `VerifyT` answers).
@@ -489,6 +525,10 @@ struct VerifyState {
 struct ResyncState {
     /// Bits out of sync when the resync started.
     total: u64,
+    /// Target: ask with checksums (csums-alg).
+    use_csums: bool,
+    /// Target: sectors found in sync by their checksums.
+    same_csum: u64,
     /// Target: next bit to look at.
     cursor: u64,
     /// Target: requests in flight: sector -> sectors.
@@ -525,6 +565,8 @@ impl ResyncState {
     fn new(total: u64) -> ResyncState {
         ResyncState {
             total,
+            use_csums: false,
+            same_csum: 0,
             cursor: 0,
             in_flight: BTreeMap::new(),
             in_flight_sectors: 0,
@@ -637,8 +679,9 @@ pub struct Device {
 
     resync: Option<ResyncState>,
     verify: Option<VerifyState>,
-    /// `verify` asked the peer (`P_STATE_CHG_REQ`) and waits for its answer.
-    verify_requested: bool,
+    /// A cluster-wide state change asked of the peer (`P_STATE_CHG_REQ`), waiting for its
+    /// answer.
+    state_request: Option<StateRequest>,
     actions: VecDeque<Action>,
 
     // Counters (sectors).
@@ -689,7 +732,8 @@ fn seq_of(msg: &PeerMsg) -> Option<u32> {
         | PeerMsg::NegRsDReply(a)
         | PeerMsg::Superseded(a)
         | PeerMsg::RetryWrite(a)
-        | PeerMsg::OvResult(a) => Some(a.seq),
+        | PeerMsg::OvResult(a)
+        | PeerMsg::RsIsInSync(a) => Some(a.seq),
         _ => None,
     }
 }
@@ -789,7 +833,7 @@ impl Device {
             meta_busy: false,
             resync: None,
             verify: None,
-            verify_requested: false,
+            state_request: None,
             actions: VecDeque::new(),
             written: 0,
             read: 0,
@@ -1735,6 +1779,35 @@ impl Device {
             }
             IoPurpose::PeerWrite(w) => self.peer_write_done(io, w, result.is_ok()),
             IoPurpose::PeerRead(r) => self.peer_read_done(io, r, result),
+            IoPurpose::CsumRead {
+                sector,
+                len,
+                conn_gen,
+            } => {
+                let current = conn_gen == self.conn_gen
+                    && self.connected
+                    && self
+                        .resync
+                        .as_ref()
+                        .is_some_and(|rs| rs.in_flight.contains_key(&sector));
+                if current {
+                    let q = BlockReq {
+                        sector,
+                        block_id: ID_SYNCER,
+                        size: len,
+                    };
+                    match (result, self.cfg.csums_alg) {
+                        (Ok(Some(data)), Some(alg)) => self.send(PeerMsg::CsumRsRequest {
+                            sector,
+                            block_id: ID_SYNCER,
+                            size: len,
+                            digest: Bytes::from(alg.digest(&data)),
+                        }),
+                        // Unreadable here: ask for the data itself.
+                        _ => self.send(PeerMsg::RsDataRequest(q)),
+                    }
+                }
+            }
             IoPurpose::VerifyRead {
                 sector,
                 len,
@@ -2116,7 +2189,7 @@ impl Device {
                 v.done, v.found
             ));
         }
-        self.verify_requested = false;
+        self.state_request = None;
         // Peer writes not yet applied were not acknowledged: the peer marks them out of
         // sync. Those waiting for a conflict decision would wait for good.
         self.peer_waiting.clear();
@@ -2350,7 +2423,7 @@ impl Device {
             }
             PeerMsg::DataRequest(q) => {
                 self.check_range(q.sector, q.size, "P_DATA_REQUEST")?;
-                self.peer_read(q, false);
+                self.peer_read(q, false, None);
                 Ok(())
             }
             PeerMsg::RsDataRequest(q) => {
@@ -2361,7 +2434,50 @@ impl Device {
                         self.conn
                     )));
                 }
-                self.peer_read(q, true);
+                self.peer_read(q, true, None);
+                Ok(())
+            }
+            PeerMsg::CsumRsRequest {
+                sector,
+                block_id,
+                size,
+                digest,
+            } => {
+                self.check_range(sector, size, "P_CSUM_RS_REQUEST")?;
+                if !self.in_sync_state() && self.conn != ConnState::Connected {
+                    return Err(ProtocolError(format!(
+                        "P_CSUM_RS_REQUEST in state {}",
+                        self.conn
+                    )));
+                }
+                let q = BlockReq {
+                    sector,
+                    block_id,
+                    size,
+                };
+                self.peer_read(q, true, Some(digest));
+                Ok(())
+            }
+            PeerMsg::RsIsInSync(a) => {
+                self.check_range(a.sector, a.size, "P_RS_IS_IN_SYNC")?;
+                let known = self
+                    .resync
+                    .as_mut()
+                    .and_then(|r| r.in_flight.remove(&a.sector).map(|n| (r, n)));
+                let Some((rs, n)) = known else {
+                    return Err(ProtocolError(format!(
+                        "P_RS_IS_IN_SYNC for sector {} that was not requested",
+                        a.sector
+                    )));
+                };
+                rs.in_flight_sectors -= n;
+                rs.sect_in += n;
+                rs.last_step_sectors += n;
+                rs.same_csum += n;
+                self.mark_in_sync(a.sector, n);
+                self.note_resync_progress();
+                self.maybe_finish_target();
+                self.refill_resync();
                 Ok(())
             }
             PeerMsg::DataReply {
@@ -2478,8 +2594,18 @@ impl Device {
                 let mut rs = ResyncState::new(total);
                 rs.paused_peer = self.peer_user_isp;
                 rs.marks.push_back((self.now, total));
+                // 8.4 `use_checksum_based_resync`.
+                rs.use_csums = self.cfg.csums_alg.is_some()
+                    && self.protocol_version >= 89
+                    && (!self.cfg.csums_after_crash_only
+                        || self.md_flags & MDF_CRASHED_PRIMARY != 0);
+                let csums = rs.use_csums;
                 self.resync = Some(rs);
-                self.log(format!("resync started as SyncTarget: {} KiB", total * 4));
+                self.log(format!(
+                    "resync started as SyncTarget: {} KiB{}",
+                    total * 4,
+                    if csums { ", checksum based" } else { "" }
+                ));
                 self.send_state();
                 self.maybe_finish_target();
                 self.retry_waiting();
@@ -2504,16 +2630,21 @@ impl Device {
                 retcode,
                 connection,
             } => {
-                if !connection && self.verify_requested {
-                    self.verify_requested = false;
-                    if retcode >= 1 && self.conn == ConnState::Connected {
-                        self.begin_verify(true);
-                    } else {
-                        self.log(format!(
-                            "online verify refused by the peer ({retcode}): {}",
-                            StateRefusal::from_code(retcode).map_or("", |r| r.text())
-                        ));
+                let Some(req) = self.state_request.take().filter(|_| !connection) else {
+                    return Ok(());
+                };
+                if retcode >= 1 && self.conn == ConnState::Connected {
+                    match req {
+                        StateRequest::Verify => self.begin_verify(true),
+                        StateRequest::FullSyncAsTarget => self.begin_full_sync(true),
+                        StateRequest::FullSyncAsSource => self.begin_full_sync(false),
                     }
+                } else {
+                    self.log(format!(
+                        "{} refused by the peer ({retcode}): {}",
+                        req.what(),
+                        StateRefusal::from_code(retcode).map_or("", |r| r.text())
+                    ));
                 }
                 Ok(())
             }
@@ -2660,33 +2791,39 @@ impl Device {
                 Ok(())
             }
             ConnState::WfBitMapS => {
-                let random = self.random();
-                let u = self.uuids.start_sync_source(random);
-                // The new bitmap UUID must be durable before the target adopts it, as DRBD
-                // writes the metadata before sending P_SYNC_UUID: a source that crashed with
-                // the write still in flight and a target holding the new UUID share no UUID
-                // any more ("unrelated data", found by tests/sim.rs). The resync starts when
-                // the superblock is written (`sync_uuid_persisted`).
-                self.md_flags = self.compute_flags();
-                let io = self.io(IoPurpose::SyncUuid {
-                    uuid: u,
-                    conn_gen: self.conn_gen,
-                });
-                let op = MetaOp::Superblock {
-                    uuids: self.uuids,
-                    flags: self.md_flags,
-                };
-                self.push_meta(io, op);
-                self.persist_bitmap();
+                self.start_source_with_new_uuid();
                 Ok(())
             }
             c => Err(ProtocolError(format!("bitmap received in state {c}"))),
         }
     }
 
+    /// Becomes SyncSource: a new bitmap UUID, sent to the target once it is on disk.
+    fn start_source_with_new_uuid(&mut self) {
+        let random = self.random();
+        let u = self.uuids.start_sync_source(random);
+        // The new bitmap UUID must be durable before the target adopts it, as DRBD writes the
+        // metadata before sending P_SYNC_UUID: a source that crashed with the write still in
+        // flight and a target holding the new UUID share no UUID any more ("unrelated data",
+        // found by tests/sim.rs). The resync starts when the superblock is written
+        // (`sync_uuid_persisted`).
+        self.md_flags = self.compute_flags();
+        let io = self.io(IoPurpose::SyncUuid {
+            uuid: u,
+            conn_gen: self.conn_gen,
+        });
+        let op = MetaOp::Superblock {
+            uuids: self.uuids,
+            flags: self.md_flags,
+        };
+        self.push_meta(io, op);
+        self.persist_bitmap();
+    }
+
     /// The superblock with the new bitmap UUID is on disk: send it and start the resync.
     fn sync_uuid_persisted(&mut self, u: u64, conn_gen: u64) {
-        if conn_gen != self.conn_gen || !self.connected || self.conn != ConnState::WfBitMapS {
+        let starting = matches!(self.conn, ConnState::WfBitMapS | ConnState::StartingSyncS);
+        if conn_gen != self.conn_gen || !self.connected || !starting {
             return;
         }
         if self.attach_flushing {
@@ -3198,12 +3335,13 @@ impl Device {
         }
     }
 
-    fn peer_read(&mut self, q: BlockReq, resync: bool) {
+    fn peer_read(&mut self, q: BlockReq, resync: bool, digest: Option<Bytes>) {
         let r = PeerRead {
             sector: q.sector,
             len: q.size,
             block_id: q.block_id,
             resync,
+            digest,
             conn_gen: self.conn_gen,
         };
         // Application and resync reads alike need UpToDate data.
@@ -3256,24 +3394,42 @@ impl Device {
     }
 
     fn submit_peer_read(&mut self, r: PeerRead) {
+        let (sector, len, resync) = (r.sector, r.len, r.resync);
         let io = self.io(IoPurpose::PeerRead(r));
-        if r.resync {
+        if resync {
             self.peer_reads_in_flight
-                .insert(io, (r.sector, sectors_of(r.len)));
+                .insert(io, (sector, sectors_of(len)));
         }
         self.actions.push_back(Action::Disk {
             io,
-            op: DiskOp::Read {
-                sector: r.sector,
-                len: r.len,
-            },
+            op: DiskOp::Read { sector, len },
         });
     }
 
     fn peer_read_done(&mut self, io: IoId, r: PeerRead, result: Result<Option<Bytes>, ()>) {
         self.peer_reads_in_flight.remove(&io);
         if r.conn_gen == self.conn_gen && self.connected {
+            let same_digest = match (&result, &r.digest, self.cfg.csums_alg) {
+                (Ok(Some(data)), Some(theirs), Some(alg)) => {
+                    alg.digest(data).as_slice() == theirs.as_ref()
+                }
+                _ => false,
+            };
             match result {
+                Ok(Some(_)) if same_digest => {
+                    // Checksum-based resync: the target has this block already.
+                    self.read += sectors_of(r.len);
+                    self.packet_seq = self.packet_seq.wrapping_add(1);
+                    self.send(PeerMsg::RsIsInSync(Ack {
+                        sector: r.sector,
+                        block_id: r.block_id,
+                        size: r.len,
+                        seq: self.packet_seq,
+                    }));
+                    self.mark_in_sync(r.sector, sectors_of(r.len));
+                    self.note_resync_progress();
+                    self.maybe_finish_source();
+                }
                 Ok(Some(data)) if data.len() == r.len as usize => {
                     self.sent += sectors_of(r.len);
                     self.read += sectors_of(r.len);
@@ -3399,6 +3555,9 @@ impl Device {
             Some(true) => {}
         }
         let failed = remaining > 0;
+        let rs_same_csum = rs.same_csum;
+        let rs_csums = rs.use_csums;
+        let rs_total_sectors = rs.total * SECTORS_PER_BIT;
         self.resync = None;
         if failed {
             self.log(format!("resync finished with {remaining} blocks failed"));
@@ -3408,6 +3567,16 @@ impl Device {
             self.set_disk(DiskState::UpToDate);
             self.md_flags &= !MDF_CRASHED_PRIMARY;
             self.log("resync done (SyncTarget)".to_string());
+            if rs_same_csum > 0 || rs_csums {
+                let total = rs_total_sectors.max(1);
+                self.log(format!(
+                    "{} % had equal checksums, eliminated: {}K; transferred {}K total {}K",
+                    rs_same_csum * 100 / total,
+                    rs_same_csum / 2,
+                    (total - rs_same_csum.min(total)) / 2,
+                    total / 2
+                ));
+            }
         }
         self.set_conn(ConnState::Connected);
         self.persist_superblock(false);
@@ -3595,13 +3764,28 @@ impl Device {
             }
             rs.in_flight.insert(sector, sectors);
             rs.in_flight_sectors += sectors;
+            let csums = rs.use_csums;
             budget = budget.saturating_sub(sectors);
             requested += sectors;
-            self.send(PeerMsg::RsDataRequest(BlockReq {
-                sector,
-                block_id: ID_SYNCER,
-                size: (sectors * 512) as u32,
-            }));
+            let len = (sectors * 512) as u32;
+            if csums {
+                // Digest our own copy first; the request goes out with it.
+                let io = self.io(IoPurpose::CsumRead {
+                    sector,
+                    len,
+                    conn_gen: self.conn_gen,
+                });
+                self.actions.push_back(Action::Disk {
+                    io,
+                    op: DiskOp::Read { sector, len },
+                });
+            } else {
+                self.send(PeerMsg::RsDataRequest(BlockReq {
+                    sector,
+                    block_id: ID_SYNCER,
+                    size: len,
+                }));
+            }
         }
         requested
     }
@@ -3636,10 +3820,10 @@ impl Device {
                     if self.peer_disk != DiskState::UpToDate {
                         return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
                     }
-                    let bits = self.bitmap.bits();
-                    self.bitmap.set_bits(0..bits);
-                    self.set_disk(DiskState::Inconsistent);
-                    self.start_plan(Resync::AsTarget { full: false });
+                    if self.state_request.is_some() {
+                        return Err(AdminError::State(StateRefusal::ConcurrentChange));
+                    }
+                    self.request_state(StateRequest::FullSyncAsTarget);
                     Ok(())
                 } else if !self.connected
                     || self.conn == ConnState::StandAlone
@@ -3666,10 +3850,10 @@ impl Device {
                 if self.disk != DiskState::UpToDate {
                     return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
                 }
-                let bits = self.bitmap.bits();
-                self.bitmap.set_bits(0..bits);
-                self.set_peer_disk(DiskState::Inconsistent);
-                self.start_plan(Resync::AsSource { full: false });
+                if self.state_request.is_some() {
+                    return Err(AdminError::State(StateRefusal::ConcurrentChange));
+                }
+                self.request_state(StateRequest::FullSyncAsSource);
                 Ok(())
             }
             AdminRequest::NewCurrentUuid { clear_bitmap } => {
@@ -3975,6 +4159,13 @@ impl Device {
             r.c_max_rate = max_rate;
         }
         self.cfg.verify_alg = verify_alg;
+        self.cfg.csums_alg = match p.csums_alg.as_str() {
+            "" => None,
+            name => Some(
+                DigestAlg::from_name(name)
+                    .map_err(|e| ProtocolError(format!("P_SYNC_PARAM: csums-alg: {e}")))?,
+            ),
+        };
         self.log(format!(
             "the peer changed the resync settings: resync-rate {} KiB/s{}{}",
             p.rate_kib,
@@ -4051,7 +4242,10 @@ impl Device {
         if !self.connected {
             return Err(StateRefusal::NeedConnection);
         }
-        if self.conn != ConnState::Connected || self.verify_requested || self.verify.is_some() {
+        if self.conn != ConnState::Connected
+            || self.state_request.is_some()
+            || self.verify.is_some()
+        {
             return Err(StateRefusal::ResyncRunning);
         }
         if self.cfg.verify_alg.is_none() {
@@ -4066,17 +4260,56 @@ impl Device {
     /// `verify`: asks the peer to take part (a cluster-wide state change in 8.4); the verify
     /// starts when it agrees.
     fn request_verify(&mut self) -> Result<(), AdminError> {
-        use crate::replication::msg::state_word::CONN;
         self.verify_possible().map_err(AdminError::State)?;
-        self.verify_requested = true;
+        self.request_state(StateRequest::Verify);
+        Ok(())
+    }
+
+    /// Asks the peer for a cluster-wide connection state change (8.4 sends these for
+    /// `verify`, `invalidate` and `invalidate-remote`); it happens when the peer agrees.
+    fn request_state(&mut self, req: StateRequest) {
+        use crate::replication::msg::state_word::CONN;
+        let conn = match req {
+            StateRequest::Verify => ConnState::VerifyS,
+            StateRequest::FullSyncAsTarget => ConnState::StartingSyncT,
+            StateRequest::FullSyncAsSource => ConnState::StartingSyncS,
+        };
+        self.state_request = Some(req);
         let mask = ((1u32 << CONN.1) - 1) << CONN.0;
-        let val = u32::from(ConnState::VerifyS.wire()) << CONN.0;
+        let val = u32::from(conn.wire()) << CONN.0;
         self.send(PeerMsg::StateChgReq {
             mask,
             val,
             connection: false,
         });
-        Ok(())
+    }
+
+    /// A full sync agreed on with the peer (`invalidate` / `invalidate-remote` on either
+    /// side, 8.4's StartingSyncT / StartingSyncS): every block is out of sync; the source
+    /// starts with a new sync UUID as after a bitmap exchange, the target waits for it.
+    fn begin_full_sync(&mut self, as_target: bool) {
+        let bits = self.bitmap.bits();
+        self.bitmap.set_bits(0..bits);
+        self.log(format!(
+            "full sync as {}: all {} KiB out of sync",
+            if as_target {
+                "SyncTarget"
+            } else {
+                "SyncSource"
+            },
+            bits * 4
+        ));
+        if as_target {
+            self.set_conn(ConnState::StartingSyncT);
+            self.set_disk(DiskState::Inconsistent);
+            self.persist_bitmap();
+            self.persist_superblock(false);
+            self.set_conn(ConnState::WfSyncUuid);
+        } else {
+            self.set_conn(ConnState::StartingSyncS);
+            self.set_peer_disk(DiskState::Inconsistent);
+            self.start_source_with_new_uuid();
+        }
     }
 
     fn begin_verify(&mut self, source: bool) {
@@ -4349,6 +4582,42 @@ impl Device {
             }
             self.begin_verify(false);
             return 1;
+        }
+        if !connection && selects(mask, CONN) {
+            let c = get(val, CONN);
+            let full_sync = if c == u32::from(ConnState::StartingSyncS.wire()) {
+                // The peer's invalidate-remote: this node becomes the target.
+                Some(true)
+            } else if c == u32::from(ConnState::StartingSyncT.wire()) {
+                // The peer's invalidate: this node becomes the source.
+                Some(false)
+            } else {
+                None
+            };
+            if let Some(as_target) = full_sync {
+                let refusal = if self.conn != ConnState::Connected || self.state_request.is_some() {
+                    Some(StateRefusal::ResyncRunning)
+                } else if !self.has_disk() {
+                    Some(StateRefusal::NoLocalDisk)
+                } else if !as_target && self.disk != DiskState::UpToDate {
+                    Some(StateRefusal::NoUpToDateDisk)
+                } else if as_target && self.role == Role::Primary {
+                    // 8.4 lets a Primary become SyncTarget only with a good peer; keep it
+                    // simple and safe: a Primary keeps its data.
+                    Some(StateRefusal::NoUpToDateDisk)
+                } else {
+                    None
+                };
+                if let Some(r) = refusal {
+                    self.log(format!(
+                        "refusing the peer's full sync request: {}",
+                        r.text()
+                    ));
+                    return r.code();
+                }
+                self.begin_full_sync(as_target);
+                return 1;
+            }
         }
         let peer_becomes_primary =
             selects(mask, ROLE) && get(val, ROLE) == u32::from(Role::Primary.wire());

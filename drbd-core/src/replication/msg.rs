@@ -182,6 +182,16 @@ pub enum PeerMsg {
     /// `P_OV_RESULT`: the verdict on a block (`block_id` [`ID_IN_SYNC`] or
     /// [`ID_OUT_OF_SYNC`]).
     OvResult(Ack),
+    /// `P_CSUM_RS_REQUEST`: checksum-based resync; the SyncTarget's digest (csums-alg) of
+    /// the block it asks for.
+    CsumRsRequest {
+        sector: u64,
+        block_id: u64,
+        size: u32,
+        digest: Bytes,
+    },
+    /// `P_RS_IS_IN_SYNC`: the SyncSource found the same digest; the block is in sync.
+    RsIsInSync(Ack),
     /// `P_SYNC_PARAM` / `P_SYNC_PARAM89` after the handshake.
     SyncParam(SyncSettings),
     /// `P_PROTOCOL_UPDATE`.
@@ -268,6 +278,7 @@ impl PeerMsg {
             | PeerMsg::Superseded(_)
             | PeerMsg::RetryWrite(_)
             | PeerMsg::OvResult(_)
+            | PeerMsg::RsIsInSync(_)
             | PeerMsg::NegDReply(_)
             | PeerMsg::NegRsDReply(_)
             | PeerMsg::StateChgReply { .. }
@@ -294,6 +305,8 @@ impl PeerMsg {
             PeerMsg::OvRequest(_) => "P_OV_REQUEST",
             PeerMsg::OvReply { .. } => "P_OV_REPLY",
             PeerMsg::OvResult(_) => "P_OV_RESULT",
+            PeerMsg::CsumRsRequest { .. } => "P_CSUM_RS_REQUEST",
+            PeerMsg::RsIsInSync(_) => "P_RS_IS_IN_SYNC",
             PeerMsg::SyncParam(_) => "P_SYNC_PARAM89",
             PeerMsg::ProtocolUpdate(_) => "P_PROTOCOL_UPDATE",
             PeerMsg::DataRequest(_) => "P_DATA_REQUEST",

@@ -165,6 +165,16 @@ fn every_variant() -> Vec<PeerMsg> {
             size: 4096,
             digest: Bytes::from_static(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]),
         },
+        PeerMsg::CsumRsRequest {
+            sector: 128,
+            block_id: drbd_core::replication::msg::ID_SYNCER,
+            size: 65536,
+            digest: Bytes::from_static(&[9, 8, 7, 6]),
+        },
+        PeerMsg::RsIsInSync(Ack {
+            block_id: drbd_core::replication::msg::ID_SYNCER,
+            ..ack(12)
+        }),
         PeerMsg::OvResult(Ack {
             block_id: drbd_core::replication::msg::ID_OUT_OF_SYNC,
             ..ack(11)
