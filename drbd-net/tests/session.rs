@@ -475,9 +475,9 @@ async fn a_peer_breaking_the_protocol_ends_the_session_with_a_protocol_error() {
             "bad magic",
         ),
         (
-            "P_SYNC_PARAM89 after the handshake",
-            Box::new(move |ctx| encoded(ctx, Packet::SyncParam89(SyncParam::default()))),
-            "unexpected P_SYNC_PARAM89",
+            "P_PROTOCOL after the handshake",
+            Box::new(move |ctx| encoded(ctx, Packet::Protocol(wire::Protocol::default()))),
+            "unexpected P_PROTOCOL",
         ),
         (
             "an ack on the data socket",
