@@ -1021,7 +1021,22 @@ fn dual_primary_concurrent_writes_end_identical() {
             kernel: two,
             ..LabSpec::default()
         });
-        connect(&mut lab, first);
+        if first == "ours" {
+            // Ours first, and long enough alone that its first attempt to connect (within
+            // 8/49 of connect-int 20 s) has failed: the kernel then connects to it, and
+            // ours does not try again for 17 s at least.
+            lab.kernel_create_md();
+            lab.start_daemon();
+            lab.adm_ok(&["up", "r0"]);
+            std::thread::sleep(Duration::from_secs(5));
+            lab.kernel_adm("up");
+            lab.kernel_wait("cs:Connected", 60);
+            lab.wait_ours("Connected", Duration::from_secs(60), |l| {
+                l.cstate() == "Connected"
+            });
+        } else {
+            connect(&mut lab, first);
+        }
         let ours_resolve = lab.log().contains("resolve_conflicts=true");
         assert_eq!(
             ours_resolve,

@@ -85,6 +85,9 @@ pub const MAX_APP_REQUESTS: usize = 1 << 16;
 /// stalled meta socket delays it (8.4 waits a ping-timeout; this is more forgiving of a
 /// loaded runtime, and the keep-alive catches a dead socket anyway).
 pub const SEQ_WAIT_LIMIT: Duration = Duration::from_secs(5);
+/// allow-two-primaries: a write the peer answered with `P_RETRY_WRITE` is sent again at the
+/// latest this long after, if nothing else restarted it.
+pub const RETRY_AFTER: Duration = Duration::from_millis(100);
 /// Most plan slots of the resync controller (`c-plan-ahead` is at most 300 steps).
 const MAX_PLAN_STEPS: usize = 300;
 
@@ -343,6 +346,8 @@ struct Request {
     /// The peer answered `P_RETRY_WRITE`: it is sent again (and written again locally)
     /// once the peer's conflicting write has been applied here.
     postponed: bool,
+    /// When it was postponed.
+    postponed_at: Duration,
     completed: bool,
     /// Read data, for reads.
     data: Option<Bytes>,
@@ -378,6 +383,10 @@ struct TlEpoch {
     ranges: Vec<(u64, u64)>,
     /// `P_BARRIER` sent.
     closed: bool,
+    /// Writes of this epoch the peer answered with `P_SUPERSEDED`, and with
+    /// `P_RETRY_WRITE`: a peer may leave them out of the epoch's size in `P_BARRIER_ACK`.
+    superseded: u32,
+    retried: u32,
 }
 
 /// A write received from the peer (application or resync).
@@ -403,9 +412,36 @@ struct RecvEpoch {
     id: u64,
     barrier: Option<u32>,
     writes: u32,
+    /// Writes answered with `P_SUPERSEDED` or `P_RETRY_WRITE` that the peer's sender
+    /// surely forgot (not in `writes`).
+    answered: u32,
+    /// Answered writes the peer's sender may still count: the epoch's ack waits for them.
+    answers_open: u32,
     pending: u32,
     flushing: bool,
     flushed: bool,
+}
+
+/// A peer write this node answered with `P_SUPERSEDED` / `P_RETRY_WRITE` whose epoch's
+/// acknowledgement waits until the peer's sender surely forgot it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpenAnswer {
+    /// Until the peer acknowledges our covering write `by`.
+    Superseded { epoch: u64, by: ReqId },
+    /// Until the peer sends the write again.
+    Retried {
+        epoch: u64,
+        sector: u64,
+        sectors: u64,
+    },
+}
+
+impl OpenAnswer {
+    fn epoch(self) -> u64 {
+        match self {
+            OpenAnswer::Superseded { epoch, .. } | OpenAnswer::Retried { epoch, .. } => epoch,
+        }
+    }
 }
 
 /// How a peer write relates to the local writes to its blocks (allow-two-primaries).
@@ -417,8 +453,8 @@ enum Conflict {
     Wait,
     /// Apply it, then send the postponed local writes to its blocks again.
     Restart,
-    /// Resolving node: a local write covers it; answer `P_SUPERSEDED`.
-    Superseded,
+    /// Resolving node: this local write covers it; answer `P_SUPERSEDED`.
+    Superseded(ReqId),
     /// Resolving node: answer `P_RETRY_WRITE`.
     Retry,
 }
@@ -628,6 +664,9 @@ pub struct Device {
     /// arrived before the peer's ack that precedes it (on the other socket); bounded by
     /// `max-buffers`.
     seq_held: VecDeque<PeerMsg>,
+    /// Resolving node: peer writes answered with `P_SUPERSEDED` / `P_RETRY_WRITE` that the
+    /// peer's sender may still count in their epochs.
+    answered_open: Vec<OpenAnswer>,
     /// When the oldest held message arrived.
     seq_held_since: Duration,
     last_state_sent: Option<PeerState>,
@@ -803,6 +842,7 @@ impl Device {
             packet_seq: 0,
             peer_seq: 0,
             seq_held: VecDeque::new(),
+            answered_open: Vec::new(),
             seq_held_since: Duration::ZERO,
             last_state_sent: None,
             reqs: HashMap::new(),
@@ -1271,6 +1311,7 @@ impl Device {
                 active: false,
                 issued: false,
                 postponed: false,
+                postponed_at: Duration::ZERO,
                 completed: false,
                 data: None,
                 flush_barrier: None,
@@ -1564,6 +1605,8 @@ impl Device {
                     reqs: Vec::new(),
                     ranges: Vec::new(),
                     closed: false,
+                    superseded: 0,
+                    retried: 0,
                 });
             }
             let e = self.tl.back_mut().expect("just ensured");
@@ -1684,19 +1727,21 @@ impl Device {
 
     /// Whether the epochs before epoch `nr` may be released by its barrier ack: with
     /// allow-two-primaries only, `nr` is a closed epoch of the transfer log, and every write
-    /// of the epochs before it has its answer (it is acknowledged, or postponed by the peer).
+    /// of the epochs before it has its answer (acknowledged, postponed by the peer, or sent
+    /// again in a later epoch).
     fn skippable_epochs(&self, nr: u32) -> bool {
         if !self.cfg.two_primaries || !self.tl.iter().any(|e| e.nr == nr && e.closed) {
             return false;
         }
+        // A write sent again later (after P_RETRY_WRITE) has its answer for this epoch.
         self.tl
             .iter()
             .take_while(|e| e.nr != nr)
-            .flat_map(|e| e.reqs.iter())
-            .all(|id| {
+            .flat_map(|e| e.reqs.iter().map(move |id| (e.nr, id)))
+            .all(|(enr, id)| {
                 self.reqs
                     .get(id)
-                    .is_none_or(|r| !r.net_pending || r.postponed)
+                    .is_none_or(|r| !r.net_pending || r.postponed || r.epoch_nr != enr)
             })
     }
 
@@ -2194,6 +2239,7 @@ impl Device {
         // sync. Those waiting for a conflict decision would wait for good.
         self.peer_waiting.clear();
         self.seq_held.clear();
+        self.answered_open.clear();
         // Unflushed resync writes were not acknowledged: their bits stay set.
         self.rs_unflushed.clear();
         self.resync = None;
@@ -2332,6 +2378,13 @@ impl Device {
                     return Ok(());
                 }
                 self.check_range(sector, size, "P_DATA")?;
+                if self.answered_open.len() > self.cfg.max_buffers as usize {
+                    // Each of them holds back the acknowledgement of its epoch.
+                    return Err(ProtocolError(format!(
+                        "{} writes answered with P_SUPERSEDED / P_RETRY_WRITE are still open",
+                        self.answered_open.len()
+                    )));
+                }
                 let fua = flags & dp::FUA != 0;
                 self.receive_write(
                     sector,
@@ -2391,6 +2444,7 @@ impl Device {
             }
             PeerMsg::Superseded(a) => {
                 // The peer's concurrent write covers ours and reaches our disk after it: done.
+                self.note_conflict_answer(a.block_id, false);
                 self.write_acked(a, true)
             }
             PeerMsg::RetryWrite(a) => {
@@ -2410,6 +2464,8 @@ impl Device {
                     ));
                 }
                 r.postponed = true;
+                r.postponed_at = self.now;
+                self.note_conflict_answer(a.block_id, true);
                 self.log(format!(
                     "write {}s+{} postponed: the peer applies its concurrent write first",
                     a.sector, a.size
@@ -2863,6 +2919,9 @@ impl Device {
             let (s, n) = (r.sector, r.sectors);
             self.mark_out_of_sync(s, n);
         }
+        // The peer applied our write only after its own superseded one finished there.
+        let id = a.block_id;
+        self.close_answers(|o| matches!(o, OpenAnswer::Superseded { by, .. } if *by == id));
         self.maybe_complete(a.block_id);
         Ok(())
     }
@@ -2900,7 +2959,13 @@ impl Device {
                 "P_BARRIER_ACK {nr} with an empty transfer log"
             )));
         };
-        if !e.closed || e.nr != nr || e.reqs.len() != set_size as usize {
+        // The peer counts the writes it received; one of ours leaves out those it
+        // superseded (as 8.4's sender forgets them), and a sender that had already sent a
+        // retried write again would not count that one either.
+        let n = e.reqs.len();
+        let (sup, ret) = (e.superseded as usize, e.retried as usize);
+        let sizes = [n, n - sup, n - sup - ret];
+        if !e.closed || e.nr != nr || !sizes.contains(&(set_size as usize)) {
             return Err(ProtocolError(format!(
                 "P_BARRIER_ACK {nr} (set size {set_size}) does not match the oldest epoch {} ({} writes)",
                 e.nr,
@@ -2970,6 +3035,12 @@ impl Device {
     ) {
         let sectors = sectors_of(size);
         if !resync {
+            // A write answered with P_RETRY_WRITE came again: its first epoch no longer
+            // counts it (the peer's sender forgot that copy).
+            self.close_answers(|a| {
+                matches!(a, OpenAnswer::Retried { sector: s, sectors: n, .. }
+                    if *s == sector && *n == sectors)
+            });
             self.note_peer_seq(seq);
             self.received += sectors;
             if let Some(rs) = self.resync.as_mut() {
@@ -3059,8 +3130,8 @@ impl Device {
                         w.restart = true;
                         self.submit_peer_write(w);
                     }
-                    Conflict::Superseded => self.answer_conflict(w, false),
-                    Conflict::Retry => self.answer_conflict(w, true),
+                    Conflict::Superseded(by) => self.answer_conflict(w, Some(by)),
+                    Conflict::Retry => self.answer_conflict(w, None),
                 }
             }
             // Anything queued meanwhile goes behind.
@@ -3080,9 +3151,9 @@ impl Device {
             return Conflict::None;
         }
         let range = (w.sector, w.sectors);
-        let local: Vec<&Request> = self
+        let local: Vec<(ReqId, &Request)> = self
             .overlapping_active(range)
-            .map(|id| &self.reqs[&id])
+            .map(|id| (id, &self.reqs[&id]))
             .collect();
         if local.is_empty() {
             return Conflict::None;
@@ -3092,9 +3163,9 @@ impl Device {
             // even received) is concurrent with the peer's write: the local one wins where
             // it covers the peer's completely (the peer applies it over its own write), and
             // else the peer sends its write again after applying ours.
-            let undecided: Vec<&&Request> = local
+            let undecided: Vec<&(ReqId, &Request)> = local
                 .iter()
-                .filter(|r| !r.issued || r.net_pending)
+                .filter(|(_, r)| !r.issued || r.net_pending)
                 .collect();
             if undecided.is_empty() {
                 // The peer acknowledged all of them before it sent this write (its ack's
@@ -3102,15 +3173,14 @@ impl Device {
                 // them to finish here and then applies. (8.4 answers as if concurrent here.)
                 return Conflict::Wait;
             }
-            let covered = undecided
-                .iter()
-                .any(|r| r.sector <= w.sector && w.sector + w.sectors <= r.sector + r.sectors);
-            if covered {
-                Conflict::Superseded
-            } else {
-                Conflict::Retry
+            let covering = undecided.iter().find(|(_, r)| {
+                r.sector <= w.sector && w.sector + w.sectors <= r.sector + r.sectors
+            });
+            match covering {
+                Some((id, _)) => Conflict::Superseded(*id),
+                None => Conflict::Retry,
             }
-        } else if local.iter().any(|r| r.local_pending || !r.postponed) {
+        } else if local.iter().any(|(_, r)| r.local_pending || !r.postponed) {
             // The peer decides about our writes (P_WRITE_ACK, P_SUPERSEDED or P_RETRY_WRITE),
             // and our disk must finish them first.
             Conflict::Wait
@@ -3122,7 +3192,10 @@ impl Device {
 
     /// The resolving node did not apply a peer write that conflicted with its own: tell the
     /// peer (`P_SUPERSEDED` or `P_RETRY_WRITE`) and count the write as done in its epoch.
-    fn answer_conflict(&mut self, w: PeerWrite, retry: bool) {
+    /// `superseded_by`: the local write covering it (`P_SUPERSEDED`), or None
+    /// (`P_RETRY_WRITE`).
+    fn answer_conflict(&mut self, w: PeerWrite, superseded_by: Option<ReqId>) {
+        let retry = superseded_by.is_none();
         self.log(format!(
             "Concurrent writes detected: remote={}s+{}, {}",
             w.sector,
@@ -3139,6 +3212,24 @@ impl Device {
         } else {
             PeerMsg::Superseded(ack)
         });
+        // 8.4's sender forgets a superseded write once its own disk finished it, and a
+        // write it must send again when it sends it again: the epoch's size leaves both out,
+        // and its ack waits until that surely happened: until the peer acknowledged our
+        // covering write (it applies it only after its own one finished), or sent the
+        // retried one again.
+        if let Some(id) = w.epoch {
+            if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == id) {
+                e.answers_open += 1;
+            }
+            self.answered_open.push(match superseded_by {
+                Some(by) => OpenAnswer::Superseded { epoch: id, by },
+                None => OpenAnswer::Retried {
+                    epoch: id,
+                    sector: w.sector,
+                    sectors: w.sectors,
+                },
+            });
+        }
         self.peer_write_finished(w.epoch);
     }
 
@@ -3151,6 +3242,42 @@ impl Device {
             size: (w.sectors * 512) as u32,
             seq: self.packet_seq,
         }
+    }
+
+    /// The peer answered our write `id` with `P_SUPERSEDED` or `P_RETRY_WRITE`: the size of
+    /// the epoch it was last sent in may leave it out.
+    fn note_conflict_answer(&mut self, id: ReqId, retry: bool) {
+        let Some(nr) = self.reqs.get(&id).map(|r| r.epoch_nr) else {
+            return;
+        };
+        if let Some(e) = self.tl.iter_mut().find(|e| e.nr == nr) {
+            if retry {
+                e.retried += 1;
+            } else {
+                e.superseded += 1;
+            }
+        }
+    }
+
+    /// Closes the open answers `done` selects: their epochs no longer count those writes.
+    fn close_answers(&mut self, done: impl Fn(&OpenAnswer) -> bool) {
+        if self.answered_open.is_empty() {
+            return;
+        }
+        let (closed, open): (Vec<OpenAnswer>, Vec<OpenAnswer>) =
+            self.answered_open.iter().partition(|a| done(a));
+        if closed.is_empty() {
+            return;
+        }
+        self.answered_open = open;
+        for a in closed {
+            if let Some(e) = self.recv_epochs.iter_mut().find(|e| e.id == a.epoch()) {
+                e.writes -= 1;
+                e.answered += 1;
+                e.answers_open -= 1;
+            }
+        }
+        self.finish_recv_epochs();
     }
 
     /// A peer write of receive epoch `epoch` is done (applied or answered).
@@ -3303,6 +3430,8 @@ impl Device {
             id: self.next_recv_epoch,
             barrier: None,
             writes: 0,
+            answered: 0,
+            answers_open: 0,
             pending: 0,
             flushing: false,
             flushed: false,
@@ -3313,7 +3442,7 @@ impl Device {
     fn finish_recv_epochs(&mut self) {
         while let Some(e) = self.recv_epochs.front() {
             let Some(nr) = e.barrier else { break };
-            if e.pending > 0 || e.flushing {
+            if e.pending > 0 || e.flushing || e.answers_open > 0 {
                 break;
             }
             if self.cfg.disk_flushes && e.writes > 0 && !e.flushed && self.has_disk() {
@@ -3329,8 +3458,14 @@ impl Device {
                 });
                 break;
             }
-            let n = e.writes;
+            let (n, answered) = (e.writes, e.answered);
             self.recv_epochs.pop_front();
+            if n == 0 && answered > 0 {
+                // Every write of the epoch was superseded or sent again: the peer's sender
+                // keeps nothing of it, and 8.4 acknowledges no such epoch (the ack of a later
+                // epoch releases it on a peer of ours).
+                continue;
+            }
             self.send(PeerMsg::BarrierAck { nr, set_size: n });
         }
     }
@@ -3630,6 +3765,22 @@ impl Device {
     /// Time passed: the SyncTarget requests the next blocks.
     pub fn tick(&mut self, now: Duration) {
         self.now = now;
+        if self.cfg.two_primaries && self.connected {
+            // A write postponed by the peer goes again after a while even when nothing
+            // triggers it: 8.4 answers P_RETRY_WRITE also when its conflicting write was
+            // applied here already (its local part still running), and then sends nothing
+            // more that would restart ours.
+            let mut stale: Vec<ReqId> = self
+                .reqs
+                .iter()
+                .filter(|(_, r)| r.postponed && now.saturating_sub(r.postponed_at) >= RETRY_AFTER)
+                .map(|(id, _)| *id)
+                .collect();
+            stale.sort_unstable();
+            if !stale.is_empty() {
+                self.restart_if_ready(stale);
+            }
+        }
         if self.connected
             && !self.seq_held.is_empty()
             && now.saturating_sub(self.seq_held_since) > SEQ_WAIT_LIMIT
