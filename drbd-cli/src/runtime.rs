@@ -136,9 +136,7 @@ pub fn peer_config(m: &ResourceModel) -> Result<Option<PeerConfig>, String> {
     };
     let integrity = m.value("data-integrity-alg").unwrap_or_default();
     if !integrity.is_empty() {
-        return Err(format!(
-            "data-integrity-alg {integrity} is not supported by this version"
-        ));
+        DigestAlg::from_name(&integrity).map_err(|e| format!("data-integrity-alg: {e}"))?;
     }
     let dev = device_config(m)?;
     let protocol = ProtocolParams {
@@ -152,7 +150,7 @@ pub fn peer_config(m: &ResourceModel) -> Result<Option<PeerConfig>, String> {
         after_sb_2p: dev.split_brain.after_sb_2pri.wire(),
         two_primaries: dev.two_primaries,
         discard_my_data: false,
-        integrity_alg: String::new(),
+        integrity_alg: integrity,
     };
     let sync_param = SyncParam::Controller {
         resync_rate: dev.resync.rate_kib,

@@ -18,6 +18,7 @@
 
 use std::borrow::Cow;
 
+use drbd_core::replication::digest::DigestAlg;
 use drbd_core::replication::msg::{
     dp, Ack, BlockReq, PeerHello as CorePeerHello, PeerMsg, PeerState, ProtocolSettings, Socket,
     SyncSettings,
@@ -65,6 +66,15 @@ pub enum PeerError {
         volume: u16,
         /// The volume the decoder serves.
         expected: u16,
+    },
+    /// The payload of a data packet does not match its data-integrity digest: it was
+    /// damaged on the way.
+    #[error("data integrity check failed ({alg}): {command} sector {sector} +{size}")]
+    IntegrityCheckFailed {
+        command: Command,
+        sector: u64,
+        size: usize,
+        alg: &'static str,
     },
     /// The packet decoded, but its content is not a valid message.
     #[error("malformed {command}: {reason}")]
@@ -266,15 +276,23 @@ fn block_req(r: &BlockRequest) -> BlockReq {
     }
 }
 
-fn data_packet(sector: u64, id: u64, seq: u32, flags: u32, data: &bytes::Bytes) -> DataPacket {
+fn data_packet(
+    ctx: &WireContext,
+    sector: u64,
+    id: u64,
+    seq: u32,
+    flags: u32,
+    data: &bytes::Bytes,
+) -> DataPacket {
     DataPacket {
         sector,
         block_id: block_id(id),
         seq_num: seq,
         dp_flags: flags,
-        // No data-integrity digest: with an algorithm agreed the frame check below refuses
-        // the packet (the digest length in the context is not 0).
-        digest: bytes::Bytes::new(),
+        // The data-integrity digest of the payload, when an algorithm was agreed.
+        digest: ctx.integrity.map_or_else(bytes::Bytes::new, |alg| {
+            bytes::Bytes::from(alg.digest(data))
+        }),
         data: data.clone(),
     }
 }
@@ -337,7 +355,7 @@ fn push_frames(
             seq,
             flags,
             data,
-        } => Packet::Data(data_packet(*sector, *block_id, *seq, *flags, data)),
+        } => Packet::Data(data_packet(ctx, *sector, *block_id, *seq, *flags, data)),
         PeerMsg::Trim {
             sector,
             block_id: id,
@@ -432,12 +450,12 @@ fn push_frames(
             sector,
             block_id,
             data,
-        } => Packet::DataReply(data_packet(*sector, *block_id, 0, 0, data)),
+        } => Packet::DataReply(data_packet(ctx, *sector, *block_id, 0, 0, data)),
         PeerMsg::RsDataReply {
             sector,
             block_id,
             data,
-        } => Packet::RsDataReply(data_packet(*sector, *block_id, 0, 0, data)),
+        } => Packet::RsDataReply(data_packet(ctx, *sector, *block_id, 0, 0, data)),
         PeerMsg::OutOfSync { sector, size } => Packet::OutOfSync(BlockDesc {
             sector: *sector,
             blksize: *size,
@@ -561,6 +579,8 @@ struct BitmapInProgress {
 pub struct MsgDecoder {
     volume: u16,
     socket: Option<Socket>,
+    /// The agreed data-integrity algorithm: the digests of data packets are checked.
+    integrity: Option<DigestAlg>,
     bitmap_bits: u64,
     bitmap: Option<BitmapInProgress>,
 }
@@ -572,6 +592,7 @@ impl MsgDecoder {
         MsgDecoder {
             volume,
             socket: None,
+            integrity: None,
             bitmap_bits,
             bitmap: None,
         }
@@ -582,6 +603,14 @@ impl MsgDecoder {
     /// [`PeerError::WrongSocket`].
     pub fn for_socket(mut self, socket: Socket) -> Self {
         self.socket = Some(socket);
+        self
+    }
+
+    /// The same decoder, checking the digests of data packets with `alg` (the agreed
+    /// data-integrity-alg): a payload that does not match is
+    /// [`PeerError::IntegrityCheckFailed`].
+    pub fn with_integrity(mut self, alg: Option<DigestAlg>) -> Self {
+        self.integrity = alg;
         self
     }
 
@@ -658,7 +687,7 @@ impl MsgDecoder {
         };
         let msg = match frame.packet {
             Packet::Data(d) => {
-                no_digest(command, &d)?;
+                check_digest(command, &d, self.integrity)?;
                 PeerMsg::Data {
                     sector: d.sector,
                     block_id: u64::from_be_bytes(d.block_id.0),
@@ -668,7 +697,7 @@ impl MsgDecoder {
                 }
             }
             Packet::DataReply(d) => {
-                no_digest(command, &d)?;
+                check_digest(command, &d, self.integrity)?;
                 PeerMsg::DataReply {
                     sector: d.sector,
                     block_id: u64::from_be_bytes(d.block_id.0),
@@ -676,7 +705,7 @@ impl MsgDecoder {
                 }
             }
             Packet::RsDataReply(d) => {
-                no_digest(command, &d)?;
+                check_digest(command, &d, self.integrity)?;
                 PeerMsg::RsDataReply {
                     sector: d.sector,
                     block_id: u64::from_be_bytes(d.block_id.0),
@@ -811,17 +840,34 @@ impl MsgDecoder {
 
 /// Data packets carry a data-integrity digest only when an algorithm is agreed; this side
 /// cannot verify one, and must not accept data it was asked to verify.
-fn no_digest(command: Command, d: &DataPacket) -> Result<(), PeerError> {
-    if d.digest.is_empty() {
-        Ok(())
-    } else {
-        Err(PeerError::Malformed {
+/// Checks the data-integrity digest of a data packet against its payload (8.4's
+/// "Digest integrity check FAILED"); without an agreed algorithm there must be none.
+fn check_digest(
+    command: Command,
+    d: &DataPacket,
+    integrity: Option<DigestAlg>,
+) -> Result<(), PeerError> {
+    match integrity {
+        Some(alg) => {
+            if alg.digest(&d.data).as_slice() == d.digest.as_ref() {
+                Ok(())
+            } else {
+                Err(PeerError::IntegrityCheckFailed {
+                    command,
+                    sector: d.sector,
+                    size: d.data.len(),
+                    alg: alg.name(),
+                })
+            }
+        }
+        None if d.digest.is_empty() => Ok(()),
+        None => Err(PeerError::Malformed {
             command,
             reason: format!(
-                "carries a {}-byte data-integrity digest, which is not verified here",
+                "carries a {}-byte data-integrity digest, but none was agreed",
                 d.digest.len()
             ),
-        })
+        }),
     }
 }
 

@@ -613,9 +613,12 @@ async fn attempt(
     };
     tracing::info!(
         conn = %cfg.name,
-        "handshake successful: agreed network protocol version {}, features 0x{:x}",
+        "handshake successful: agreed network protocol version {}, features 0x{:x}{}",
         peer.protocol_version,
-        peer.features
+        peer.features,
+        ctx.integrity
+            .map(|a| format!(", data-integrity-alg {}", a.name()))
+            .unwrap_or_default()
     );
     let established = Established {
         data,
@@ -940,13 +943,6 @@ struct SessionSetup {
 
 /// Checks that a session can run on this connection and works out its parameters.
 fn session_setup(est: &Established) -> Result<SessionSetup, ConnectError> {
-    // Data packets would carry digests this side neither computes nor verifies; both nodes
-    // agreed on the algorithm, so retrying cannot help.
-    if !est.peer.protocol.integrity_alg.is_empty() {
-        return Err(ConnectError::Handshake(
-            HandshakeError::UnsupportedIntegrityAlg(est.peer.protocol.integrity_alg.clone()),
-        ));
-    }
     let Some(local) = est.mine.first() else {
         return Err(ConnectError::Session("no volume configured"));
     };
@@ -1072,7 +1068,9 @@ async fn connected(
         session.map(|s| Sink {
             events: s.events.clone(),
             epoch,
-            decoder: MsgDecoder::new(volume, bitmap_bits).for_socket(socket),
+            decoder: MsgDecoder::new(volume, bitmap_bits)
+                .for_socket(socket)
+                .with_integrity(ctx.integrity),
         })
     };
     let barriers = Arc::new(PingBarriers::default());

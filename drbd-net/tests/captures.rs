@@ -724,6 +724,7 @@ fn synthetic() -> Synthetic {
         integrity_digest_len: 0,
         features: 0x1,
         protocol_version: 100,
+        integrity: None,
     };
     let with_digest = WireContext {
         integrity_digest_len: 20,

@@ -74,6 +74,9 @@ pub struct Node {
 pub struct Pair {
     pub dir: tempfile::TempDir,
     pub conf: PathBuf,
+    /// A node's own configuration file, when it differs from `conf` (see
+    /// [`Pair::set_node_conf`]).
+    pub node_confs: [Option<PathBuf>; 2],
     pub nodes: [Node; 2],
     bin: PathBuf,
 }
@@ -168,6 +171,7 @@ impl Pair {
         let pair = Pair {
             dir,
             conf,
+            node_confs: [None, None],
             nodes,
             bin,
         };
@@ -193,6 +197,20 @@ impl Pair {
         }
     }
 
+    /// The configuration file node `i` uses.
+    pub fn conf_of(&self, i: usize) -> &Path {
+        self.node_confs[i].as_deref().unwrap_or(&self.conf)
+    }
+
+    /// Gives node `i` its own configuration: the shared one with `edit` applied (for
+    /// example a peer address that leads through a proxy).
+    pub fn set_node_conf(&mut self, i: usize, edit: impl Fn(&str) -> String) {
+        let text = std::fs::read_to_string(&self.conf).expect("config");
+        let path = self.dir.path().join(format!("{}.conf", self.nodes[i].name));
+        std::fs::write(&path, edit(&text)).expect("node config");
+        self.node_confs[i] = Some(path);
+    }
+
     /// Starts node `i`'s daemon and waits for its control socket.
     pub fn start(&mut self, i: usize) {
         self.start_with(i, &[]);
@@ -208,7 +226,7 @@ impl Pair {
             .expect("log file");
         let mut c = self.wrap(i, &self.bin.join("drbdd"));
         c.arg("-c")
-            .arg(&self.conf)
+            .arg(self.conf_of(i))
             .args(["--node", &n.name])
             .arg("--state-dir")
             .arg(&n.state_dir)
@@ -236,7 +254,7 @@ impl Pair {
         let n = &self.nodes[i];
         self.wrap(i, &self.bin.join("drbdadm"))
             .arg("-c")
-            .arg(&self.conf)
+            .arg(self.conf_of(i))
             .args(["--node", &n.name])
             .arg("--state-dir")
             .arg(&n.state_dir)

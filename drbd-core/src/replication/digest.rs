@@ -6,8 +6,8 @@ use md5::Md5;
 use sha1::Sha1;
 use sha2::{Digest, Sha256, Sha512};
 
-/// A digest algorithm for online verify and checksum-based resync.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A digest algorithm for online verify, checksum-based resync and data integrity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DigestAlg {
     Crc32c,
     Md5,

@@ -65,6 +65,7 @@ pub const KERNEL_84_CONTEXT: WireContext = WireContext {
     integrity_digest_len: 0,
     features: FF_TRIM | FF_THIN_RESYNC | FF_WSAME | FF_WZEROES,
     protocol_version: 101,
+    integrity: None,
 };
 
 /// Settings of an analysis.

@@ -23,6 +23,7 @@ pub use keepalive::{KeepAlive, KeepAliveAction, KeepAliveConfig};
 pub use roles::{FirstPacket, RoleAction, SocketId, SocketRoles};
 
 use bytes::Bytes;
+use drbd_core::replication::digest::DigestAlg;
 
 use crate::wire::{
     self, ConnectionFeatures, Frame, Packet, ProtocolPacket, Sizes, State, SyncParam, Uuids,
@@ -371,6 +372,16 @@ impl Handshake {
                     return self.fail(HandshakeError::UnsupportedIntegrityAlg(alg));
                 };
                 self.ctx.integrity_digest_len = len;
+                if !peer.integrity_alg.is_empty() {
+                    // Digests this side computes and checks itself.
+                    match DigestAlg::from_name(&peer.integrity_alg) {
+                        Ok(alg) if alg.digest_len() == len => self.ctx.integrity = Some(alg),
+                        _ => {
+                            let alg = peer.integrity_alg.clone();
+                            return self.fail(HandshakeError::UnsupportedIntegrityAlg(alg));
+                        }
+                    }
+                }
                 self.peer_protocol = Some(peer);
                 if self.cfg.volumes.is_empty() {
                     // Nothing more to wait for.

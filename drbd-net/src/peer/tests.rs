@@ -14,18 +14,21 @@ const V101: WireContext = WireContext {
     integrity_digest_len: 0,
     features: FF_TRIM | FF_WSAME | FF_WZEROES,
     protocol_version: 101,
+    integrity: None,
 };
 /// An older peer: h80/h95 headers, no P_ZEROES.
 const V96: WireContext = WireContext {
     integrity_digest_len: 0,
     features: FF_TRIM,
     protocol_version: 96,
+    integrity: None,
 };
 /// The oldest 8.4 dialect: no compressed bitmaps.
 const V86: WireContext = WireContext {
     integrity_digest_len: 0,
     features: 0,
     protocol_version: 86,
+    integrity: None,
 };
 
 /// Frames to bytes, as a socket would carry them.
@@ -40,7 +43,7 @@ fn to_bytes(frames: &[Frame], ctx: &WireContext) -> BytesMut {
 /// Bytes to messages through the wire decoder and a message decoder.
 fn decode_all(mut buf: BytesMut, ctx: &WireContext, bits: u64) -> Vec<PeerMsg> {
     let mut dec = Decoder::new(*ctx);
-    let mut msgs = MsgDecoder::new(0, bits);
+    let mut msgs = MsgDecoder::new(0, bits).with_integrity(ctx.integrity);
     let mut out = Vec::new();
     while let Some(frame) = dec.decode(&mut buf).expect("decodes") {
         if let Some(m) = msgs.on_frame(frame).expect("maps") {
@@ -760,4 +763,68 @@ fn sync_settings_travel_in_the_layout_of_the_agreed_version() {
             csums_alg: String::new(),
         })
     );
+}
+
+#[test]
+fn data_packets_carry_and_check_the_integrity_digest() {
+    use drbd_core::replication::digest::DigestAlg;
+    for alg in [
+        DigestAlg::Crc32c,
+        DigestAlg::Md5,
+        DigestAlg::Sha1,
+        DigestAlg::Sha256,
+    ] {
+        let ctx = WireContext {
+            integrity_digest_len: alg.digest_len(),
+            integrity: Some(alg),
+            ..V101
+        };
+        let data = block(4096, 3);
+        for msg in [
+            PeerMsg::Data {
+                sector: 8,
+                block_id: 5,
+                seq: 1,
+                flags: dp::SEND_WRITE_ACK,
+                data: data.clone(),
+            },
+            PeerMsg::DataReply {
+                sector: 8,
+                block_id: 6,
+                data: data.clone(),
+            },
+            PeerMsg::RsDataReply {
+                sector: 8,
+                block_id: drbd_core::replication::msg::ID_SYNCER,
+                data: data.clone(),
+            },
+        ] {
+            assert_eq!(round_trip(&msg, &ctx, 0, false), msg, "{}", alg.name());
+            // The payload damaged on the way: the receiver refuses it.
+            let mut f = frames(&msg, &ctx, 0, false).remove(0);
+            match &mut f.packet {
+                Packet::Data(d) | Packet::DataReply(d) | Packet::RsDataReply(d) => {
+                    assert_eq!(d.digest.as_ref(), alg.digest(&data).as_slice());
+                    let mut v = d.data.to_vec();
+                    v[1000] ^= 0x40;
+                    d.data = Bytes::from(v);
+                }
+                other => panic!("{other:?}"),
+            }
+            let mut dec = MsgDecoder::new(0, 64).with_integrity(Some(alg));
+            let r = dec.on_frame(f);
+            assert!(
+                matches!(
+                    r,
+                    Err(PeerError::IntegrityCheckFailed {
+                        sector: 8,
+                        size: 4096,
+                        ..
+                    })
+                ),
+                "{}: {r:?}",
+                alg.name()
+            );
+        }
+    }
 }

@@ -120,4 +120,7 @@ pub struct WireContext {
     /// carries the integrity algorithm string (absent below 87) and which header
     /// [`header_kind_for`] picks.
     pub protocol_version: u32,
+    /// The agreed data-integrity algorithm, when this side computes and verifies its
+    /// digests (its length is `integrity_digest_len`).
+    pub integrity: Option<drbd_core::replication::digest::DigestAlg>,
 }

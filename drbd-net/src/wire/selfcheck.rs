@@ -30,6 +30,7 @@ pub fn context_from_selector(selector: u8) -> WireContext {
         integrity_digest_len: DIGESTS[usize::from(selector & 3)],
         features: if selector & 4 != 0 { 0xf } else { 0 },
         protocol_version: VERSIONS[usize::from((selector >> 3) & 3)],
+        integrity: None,
     }
 }
 

@@ -24,6 +24,7 @@ const CAPTURE_CTX: WireContext = WireContext {
     integrity_digest_len: 0,
     features: 0xf,
     protocol_version: 101,
+    integrity: None,
 };
 
 fn hex(s: &str) -> Vec<u8> {
@@ -1981,6 +1982,7 @@ fn context() -> impl Strategy<Value = WireContext> {
                 integrity_digest_len,
                 features,
                 protocol_version,
+                integrity: None,
             },
         )
 }
