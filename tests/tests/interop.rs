@@ -222,6 +222,24 @@ fn kernel_primary_full_sync_and_protocol_c_writes() {
     assert!(cap.count(cmd::P_WRITE_ACK, Some(HOST_IP), None, None) >= 3);
 }
 
+/// Both sides with `net_extra` in `net { }`, connected (the kernel up first), the kernel
+/// forced Primary and the full sync done.
+fn kernel_primary_in_sync_with(net_extra: &str) -> Lab {
+    let side = tests::lab::Side {
+        net_extra: net_extra.to_string(),
+        ..tests::lab::Side::default()
+    };
+    let mut lab = Lab::new(LabSpec {
+        ours: side.clone(),
+        kernel: side,
+        ..LabSpec::default()
+    });
+    connect(&mut lab, "kernel");
+    lab.kernel_adm("primary --force");
+    lab.wait_in_sync(120);
+    lab
+}
+
 /// Our `primary --force` on fresh metadata: full sync from us to the kernel.
 #[test]
 fn ours_primary_full_sync_to_kernel() {
@@ -1160,18 +1178,7 @@ fn online_verify_with_the_kernel_from_either_side() {
         return;
     }
     for (alg, initiator) in [("sha1", "kernel"), ("crc32c", "ours")] {
-        let side = tests::lab::Side {
-            net_extra: format!("verify-alg {alg};"),
-            ..tests::lab::Side::default()
-        };
-        let mut lab = Lab::new(LabSpec {
-            ours: side.clone(),
-            kernel: side,
-            ..LabSpec::default()
-        });
-        connect(&mut lab, "kernel");
-        lab.kernel_adm("primary --force");
-        lab.wait_in_sync(120);
+        let mut lab = kernel_primary_in_sync_with(&format!("verify-alg {alg};"));
 
         let clean = run_verify(&lab, initiator);
         assert!(
@@ -1327,18 +1334,7 @@ fn data_integrity_digests_agree_with_the_kernel() {
         return;
     }
     for alg in ["crc32c", "sha1"] {
-        let side = tests::lab::Side {
-            net_extra: format!("data-integrity-alg {alg};"),
-            ..tests::lab::Side::default()
-        };
-        let mut lab = Lab::new(LabSpec {
-            ours: side.clone(),
-            kernel: side,
-            ..LabSpec::default()
-        });
-        connect(&mut lab, "kernel");
-        lab.kernel_adm("primary --force");
-        lab.wait_in_sync(120);
+        let mut lab = kernel_primary_in_sync_with(&format!("data-integrity-alg {alg};"));
         lab.rpc_ok(
             "dd if=/dev/urandom of=/dev/drbd0 bs=4k count=16 seek=100 oflag=direct conv=notrunc 2>/dev/null",
         );
