@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drbd_core::config::model::{MetaDisk, Protocol as ModelProtocol, ResourceModel};
-use drbd_core::replication::device::{DeviceConfig, Protocol, ResyncRate};
+use drbd_core::replication::device::{DeviceConfig, OnIoError, Protocol, ResyncRate};
 use drbd_core::replication::digest::DigestAlg;
 use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
 use drbd_core::uuid::{AfterSbPolicy, RrConflict, SplitBrainPolicy};
@@ -67,6 +67,10 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         }
         _ => None,
     };
+    let on_io_error = match m.value("on-io-error") {
+        None => OnIoError::Detach,
+        Some(v) => OnIoError::from_name(&v).ok_or_else(|| format!("on-io-error: unknown '{v}'"))?,
+    };
     let d = ResyncRate::default();
     Ok(DeviceConfig {
         protocol,
@@ -86,6 +90,7 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         verify_alg,
         csums_alg,
         csums_after_crash_only: m.flag("csums-after-crash-only"),
+        on_io_error,
         rng_seed: 0,
     })
 }

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::disk::{
-    open_engine, AlignedBuf, Completion, CompletionReceiver, DiskEngine, DiskOp, EngineOptions,
-    SubmitError,
+    inject_faults, open_engine, AlignedBuf, Completion, CompletionReceiver, DiskEngine, DiskOp,
+    EngineOptions, FaultPlan, SubmitError,
 };
 use crate::handshake::VolumeHello;
 use crate::nbd::{BlockDevice, BlockError, BoxFuture};
@@ -51,6 +51,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Commands queued to the actor at most; callers wait beyond that (back-pressure).
 const CMD_QUEUE: usize = 1024;
+/// Environment variable with a [`FaultPlan`] for the backing device: a test aid that makes
+/// the disk fail (`writes-after=N`, `reads-after=N`).
+pub const FAULT_INJECT_ENV: &str = "DRBDD_FAULT_INJECT";
 /// How long a shutdown waits for in-flight application requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// Session events buffered between the transport and the actor. Small on purpose: when the
@@ -240,8 +243,14 @@ impl Replica {
         let attached = tokio::task::spawn_blocking(move || read_metadata(&c))
             .await
             .map_err(|e| StartError::Other(format!("attach task failed: {e}")))??;
-        let (engine, completions) =
+        let (mut engine, mut completions) =
             open_engine(&cfg.disk, &cfg.engine).map_err(|e| StartError::Other(e.to_string()))?;
+        if let Ok(spec) = std::env::var(FAULT_INJECT_ENV) {
+            // A test aid: a disk that starts failing (on-io-error tests).
+            let plan = FaultPlan::parse(&spec).map_err(StartError::Other)?;
+            tracing::warn!(resource = %cfg.name, ?plan, "disk fault injection is on ({FAULT_INJECT_ENV})");
+            (engine, completions) = inject_faults(engine, completions, plan);
+        }
         let engine_name = engine.name();
         tracing::info!(
             resource = %cfg.name,

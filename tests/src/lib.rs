@@ -66,6 +66,8 @@ pub struct Node {
     pub disk: PathBuf,
     /// Network namespace to run in, if any.
     pub netns: Option<String>,
+    /// More environment for the daemon (for example a disk fault plan).
+    pub env: Vec<(String, String)>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -149,6 +151,7 @@ impl Pair {
                 state_dir,
                 disk,
                 netns: spec.netns[i].map(str::to_string),
+                env: Vec::new(),
                 child: None,
             }
         });
@@ -231,6 +234,7 @@ impl Pair {
             .arg("--state-dir")
             .arg(&n.state_dir)
             .args(extra)
+            .envs(n.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))

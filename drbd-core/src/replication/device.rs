@@ -143,6 +143,30 @@ impl Default for ResyncRate {
     }
 }
 
+/// `on-io-error`: what an I/O error of the local disk leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnIoError {
+    /// `pass_on`: the error stays with the request (which the peer may still serve).
+    PassOn,
+    /// `call-local-io-error`: the `local-io-error` handler runs, and the disk is detached.
+    CallLocalIoError,
+    /// `detach` (the default): the disk is given up; the node goes on Diskless, served by
+    /// its peer, and no error reaches the application while the peer has good data.
+    Detach,
+}
+
+impl OnIoError {
+    /// The policy of its drbd.conf name.
+    pub fn from_name(name: &str) -> Option<OnIoError> {
+        match name {
+            "pass_on" => Some(OnIoError::PassOn),
+            "call-local-io-error" => Some(OnIoError::CallLocalIoError),
+            "detach" => Some(OnIoError::Detach),
+            _ => None,
+        }
+    }
+}
+
 /// Per-volume replication settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -164,6 +188,8 @@ pub struct DeviceConfig {
     pub csums_alg: Option<DigestAlg>,
     /// `csums-after-crash-only`: checksums only for the resync after a Primary crashed.
     pub csums_after_crash_only: bool,
+    /// `on-io-error`: what a failing local disk leads to.
+    pub on_io_error: OnIoError,
     /// Seed of the generator for new UUIDs.
     pub rng_seed: u64,
 }
@@ -181,6 +207,7 @@ impl Default for DeviceConfig {
             verify_alg: None,
             csums_alg: None,
             csums_after_crash_only: false,
+            on_io_error: OnIoError::Detach,
             rng_seed: 0x5eed,
         }
     }
@@ -1802,6 +1829,78 @@ impl Device {
         ) {
             self.next_meta();
         }
+        if result.is_err() {
+            self.local_io_error(&purpose);
+        }
+        self.dispatch_disk_done(io, purpose, result);
+        if self.disk == DiskState::Failed && !self.local_io_in_flight() {
+            self.failed_disk_gone();
+        }
+    }
+
+    /// A local disk operation failed: `on-io-error` decides (8.4 `__drbd_chk_io_error`).
+    fn local_io_error(&mut self, purpose: &IoPurpose) {
+        if !self.has_disk() {
+            return;
+        }
+        let what = match purpose {
+            IoPurpose::AppLocal(id) => match self.reqs.get(id).map(|r| &r.kind) {
+                Some(ReqKind::Read) => "READ",
+                _ => "WRITE",
+            },
+            IoPurpose::PeerRead(_) | IoPurpose::CsumRead { .. } | IoPurpose::VerifyRead { .. } => {
+                "READ"
+            }
+            IoPurpose::Meta
+            | IoPurpose::MetaGate
+            | IoPurpose::AlFor(_)
+            | IoPurpose::AlFlushFor(..)
+            | IoPurpose::SyncUuid { .. } => "META",
+            _ => "WRITE",
+        };
+        if let IoPurpose::AppLocal(id) = purpose {
+            // The local copy of this block is unknown now.
+            if let Some(r) = self.reqs.get(id).filter(|r| r.kind.is_write()) {
+                let (s, n) = (r.sector, r.sectors);
+                self.mark_out_of_sync(s, n);
+            }
+        }
+        match self.cfg.on_io_error {
+            OnIoError::PassOn => {
+                // The disk stays, but its data is no longer trusted: reads go to the peer
+                // and a resync repairs it (8.4 makes it Inconsistent).
+                self.log(format!("Local IO failed in {what}. Passing error on..."));
+                if self.disk > DiskState::Inconsistent {
+                    self.set_disk(DiskState::Inconsistent);
+                    self.send_state();
+                }
+            }
+            OnIoError::CallLocalIoError | OnIoError::Detach => {
+                self.log(format!("Local IO failed in {what}. Detaching..."));
+                self.set_disk(DiskState::Failed);
+            }
+        }
+    }
+
+    /// The failed disk has no I/O in flight any more: the node is Diskless, served by its
+    /// peer (which marks what this disk misses from now on).
+    fn failed_disk_gone(&mut self) {
+        self.set_disk(DiskState::Diskless);
+        self.al = None;
+        self.negotiating = None;
+        if self.in_sync_state() || self.transitional() {
+            self.lose_connection("the local disk failed during a resync", true);
+        } else {
+            self.send_state();
+        }
+    }
+
+    fn dispatch_disk_done(
+        &mut self,
+        io: IoId,
+        purpose: IoPurpose,
+        result: Result<Option<Bytes>, ()>,
+    ) {
         match purpose {
             IoPurpose::AppLocal(id) => self.app_local_done(id, result),
             IoPurpose::MetaGate => {

@@ -55,6 +55,7 @@
 //! device's logical block size (512 or 4096 bytes); [`AlignedBuf`] takes care of addresses.
 
 mod buf;
+mod faulty;
 mod open;
 mod thread_pool;
 mod uring;
@@ -68,6 +69,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{OwnedPermit, Sender};
 
 pub use buf::{AlignedBuf, BUF_ALIGN};
+pub use faulty::{inject_faults, FaultPlan};
 pub use open::{
     engine_from_file, open_engine, uring_available, DirectIo, EngineChoice, EngineOptions,
     OpenError, SimulatedFailures, DEFAULT_QUEUE_DEPTH, MAX_QUEUE_DEPTH,

@@ -1,0 +1,78 @@
+//! on-io-error detach with a disk that starts failing under a live write stream: the Primary
+//! gives its disk up, goes on Diskless through its peer, and no write or read fails.
+
+use std::time::Duration;
+
+use tests::{stamped_block, NbdClient, Pair, PairSpec};
+
+const BLOCKS: u64 = 300;
+
+/// Runs a write stream through alpha, whose disk fails every write after the first 100,
+/// with `on-io-error POLICY`; every write succeeds and reads back right through alpha, and
+/// bravo's disk holds it all. Returns the pair for the policy's own checks.
+fn failing_disk_under_writes(policy: &str, port: u16) -> (Pair, NbdClient) {
+    let addresses = [format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}")];
+    let disk_extra = format!("on-io-error {policy};");
+    let mut p = Pair::new(PairSpec {
+        addresses: [&addresses[0], &addresses[1]],
+        size_mib: 16,
+        disk_extra: &disk_extra,
+        ..PairSpec::default()
+    });
+    p.nodes[0]
+        .env
+        .push(("DRBDD_FAULT_INJECT".into(), "writes-after=100".into()));
+    p.up_and_sync();
+    let mut nbd = NbdClient::connect(&p.nbd_socket(0), "r0").expect("NBD connect");
+    for b in 0..BLOCKS {
+        nbd.write(b * 4096, &stamped_block(b, 3))
+            .unwrap_or_else(|e| panic!("{policy}: write of block {b} failed: {e:?}"));
+    }
+    nbd.flush().expect("flush");
+    for b in 0..BLOCKS {
+        let got = nbd.read(b * 4096, 4096).expect("read");
+        assert!(
+            got == stamped_block(b, 3),
+            "{policy}: block {b} reads wrong"
+        );
+    }
+    let all: Vec<u8> = (0..BLOCKS).flat_map(|b| stamped_block(b, 3)).collect();
+    assert!(
+        p.data(1, BLOCKS * 4096) == all,
+        "{policy}: bravo's disk misses writes"
+    );
+    (p, nbd)
+}
+
+/// `detach`: alpha gives its disk up and goes on Diskless through bravo.
+#[test]
+fn a_primary_whose_disk_fails_goes_on_through_its_peer() {
+    let (p, mut nbd) = failing_disk_under_writes("detach", 7870);
+    p.wait_until("alpha Diskless", Duration::from_secs(10), |p| {
+        p.dstate(0) == "Diskless/UpToDate"
+    });
+    let log = p.log(0);
+    assert!(
+        log.contains("Local IO failed in WRITE. Detaching..."),
+        "{log}"
+    );
+    assert_eq!(p.role(0), "Primary/Secondary");
+    assert_eq!(p.cstate(0), "Connected");
+    // More writes go on, through the peer only.
+    nbd.write(5 * 4096, &stamped_block(5, 4))
+        .expect("write after the detach");
+    assert!(nbd.read(5 * 4096, 4096).expect("read") == stamped_block(5, 4));
+}
+
+/// `pass_on`: alpha keeps its disk but no longer trusts it (Inconsistent); reads come from
+/// bravo.
+#[test]
+fn pass_on_keeps_the_disk_inconsistent_and_reads_from_the_peer() {
+    let (p, _nbd) = failing_disk_under_writes("pass_on", 7871);
+    assert_eq!(p.dstate(0), "Inconsistent/UpToDate");
+    let log = p.log(0);
+    assert!(
+        log.contains("Local IO failed in WRITE. Passing error on..."),
+        "{log}"
+    );
+}
