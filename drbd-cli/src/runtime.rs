@@ -12,6 +12,7 @@ use drbd_core::replication::digest::DigestAlg;
 use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
 use drbd_core::uuid::{AfterSbPolicy, RrConflict, SplitBrainPolicy};
 use drbd_net::disk::EngineOptions;
+use drbd_net::handlers::Handlers;
 use drbd_net::handshake::{
     AuthConfig, HandshakeConfig, KeepAliveConfig, ProtocolParams, VolumeHello, FEATURES,
     PROTOCOL_MAX, PROTOCOL_MIN,
@@ -227,7 +228,32 @@ pub fn replica_config(m: &ResourceModel) -> Result<ReplicaConfig, String> {
         al_extents: clamp_u32(num(m, "al-extents", 1237)),
         engine: EngineOptions::default(),
         net: peer_config(m)?,
+        handlers: handlers(m, vol),
     })
+}
+
+/// The resource's handler commands, with the environment 8.4's drbdadm gives them.
+fn handlers(m: &ResourceModel, vol: &drbd_core::config::model::VolumeModel) -> Handlers {
+    let commands = m
+        .handlers
+        .iter()
+        .filter_map(|o| Some((o.name.clone(), o.value.clone()?)))
+        .collect();
+    let mut env = vec![
+        ("DRBD_RESOURCE".to_string(), m.name.clone()),
+        ("DRBD_MINOR".to_string(), vol.minor.to_string()),
+        ("DRBD_VOLUME".to_string(), vol.vnr.to_string()),
+        ("DRBD_LL_DISK".to_string(), vol.disk.clone()),
+    ];
+    if let Some(a) = &m.peer_address {
+        env.push(("DRBD_PEER_AF".to_string(), a.af.clone()));
+        env.push(("DRBD_PEER_ADDRESS".to_string(), a.addr.clone()));
+    }
+    if let Some(peer) = &m.peer_name {
+        env.push(("DRBD_PEER".to_string(), peer.clone()));
+        env.push(("DRBD_PEERS".to_string(), peer.clone()));
+    }
+    Handlers::new(commands, env)
 }
 
 /// A running resource: the volume, its NBD export.

@@ -251,6 +251,7 @@ impl Sim {
                 Action::Disconnect { reason, .. } => {
                     self.fail(format!("node {n} disconnects: {reason}"));
                 }
+                Action::Handler(_) => {}
                 Action::Log(l) => {
                     if l.contains("Concurrent writes") || l.contains("postponed") {
                         self.conflicts += 1;

@@ -79,7 +79,7 @@ fn settle(nodes: &mut [Node; 2], now: Duration) {
                     Action::Meta { io, .. } => nodes[i].dev.disk_done(now, io, Ok(None)),
                     Action::Send(m) => nodes[1 - i].inbox.push_back(m),
                     Action::Disconnect { reason, .. } => panic!("disconnect: {reason}"),
-                    Action::Complete { .. } | Action::Log(_) => {}
+                    Action::Complete { .. } | Action::Log(_) | Action::Handler(_) => {}
                 }
             }
             while let Some(m) = nodes[i].inbox.pop_front() {

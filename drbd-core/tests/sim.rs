@@ -1042,7 +1042,7 @@ impl Sim {
                 }
             }
             Action::Complete { id, .. } => self.mix(*id),
-            Action::Disconnect { .. } | Action::Log(_) => {}
+            Action::Disconnect { .. } | Action::Log(_) | Action::Handler(_) => {}
         }
         match a {
             Action::Disk { io, op } => {
@@ -1105,6 +1105,8 @@ impl Sim {
                 self.schedule_connect(d);
             }
             Action::Log(line) => self.device_log(n, line),
+            // No handlers are configured here.
+            Action::Handler(_) => {}
         }
     }
 

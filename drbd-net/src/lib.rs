@@ -18,6 +18,7 @@
 
 pub mod capture;
 pub mod disk;
+pub mod handlers;
 pub mod handshake;
 pub mod nbd;
 pub mod peer;

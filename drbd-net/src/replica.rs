@@ -40,6 +40,7 @@ use crate::disk::{
     inject_faults, open_engine, AlignedBuf, Completion, CompletionReceiver, DiskEngine, DiskOp,
     EngineOptions, FaultPlan, SubmitError,
 };
+use crate::handlers::Handlers;
 use crate::handshake::VolumeHello;
 use crate::nbd::{BlockDevice, BlockError, BoxFuture};
 use crate::peer;
@@ -90,6 +91,8 @@ pub struct ReplicaConfig {
     /// The peer connection, if the resource has one configured (its `hello` is supplied by
     /// the volume); started at start and by `connect`.
     pub net: Option<PeerConfig>,
+    /// The drbd.conf handlers.
+    pub handlers: Handlers,
 }
 
 /// Why a volume could not start.
@@ -896,6 +899,7 @@ impl Actor {
                     }
                 }
                 Action::Log(line) => tracing::info!(resource = %self.name, "{line}"),
+                Action::Handler(h) => self.cfg.handlers.run(&self.name, h.name()),
             }
         }
         self.publish_hello();

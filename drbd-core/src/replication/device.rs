@@ -302,6 +302,40 @@ pub enum Action {
     Disconnect { reason: String, retry: bool },
     /// A state change or event worth a log line.
     Log(String),
+    /// Run the configured handler (drbd.conf `handlers { }`), if any. Its exit code is
+    /// not waited for.
+    Handler(Handler),
+}
+
+/// The handlers DRBD calls at given moments (drbd.conf `handlers { }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Handler {
+    PriOnInconDegr,
+    PriLostAfterSb,
+    LocalIoError,
+    InitialSplitBrain,
+    SplitBrain,
+    BeforeResyncTarget,
+    BeforeResyncSource,
+    AfterResyncTarget,
+    OutOfSync,
+}
+
+impl Handler {
+    /// Its drbd.conf name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Handler::PriOnInconDegr => "pri-on-incon-degr",
+            Handler::PriLostAfterSb => "pri-lost-after-sb",
+            Handler::LocalIoError => "local-io-error",
+            Handler::InitialSplitBrain => "initial-split-brain",
+            Handler::SplitBrain => "split-brain",
+            Handler::BeforeResyncTarget => "before-resync-target",
+            Handler::BeforeResyncSource => "before-resync-source",
+            Handler::AfterResyncTarget => "after-resync-target",
+            Handler::OutOfSync => "out-of-sync",
+        }
+    }
 }
 
 /// A protocol violation by the peer: the connection must be dropped.
@@ -1093,6 +1127,11 @@ impl Device {
         id
     }
 
+    fn handler(&mut self, h: Handler) {
+        self.log(format!("helper command: {}", h.name()));
+        self.actions.push_back(Action::Handler(h));
+    }
+
     fn log(&mut self, msg: impl Into<String>) {
         self.actions.push_back(Action::Log(msg.into()));
     }
@@ -1876,6 +1915,9 @@ impl Device {
                 }
             }
             OnIoError::CallLocalIoError | OnIoError::Detach => {
+                if self.cfg.on_io_error == OnIoError::CallLocalIoError {
+                    self.handler(Handler::LocalIoError);
+                }
                 self.log(format!("Local IO failed in {what}. Detaching..."));
                 self.set_disk(DiskState::Failed);
             }
@@ -1886,6 +1928,9 @@ impl Device {
     /// peer (which marks what this disk misses from now on).
     fn failed_disk_gone(&mut self) {
         self.set_disk(DiskState::Diskless);
+        if self.role == Role::Primary && self.peer_disk < DiskState::UpToDate {
+            self.handler(Handler::PriOnInconDegr);
+        }
         self.al = None;
         self.negotiating = None;
         if self.in_sync_state() || self.transitional() {
@@ -2184,6 +2229,7 @@ impl Device {
         }
         if d.split_brain.is_some() {
             self.log("Split-Brain detected".to_string());
+            self.handler(Handler::InitialSplitBrain);
         }
         match d.outcome {
             HandshakeOutcome::Proceed(plan) => {
@@ -2194,6 +2240,7 @@ impl Device {
                 let why = match reason {
                     uuid::DisconnectReason::UnrelatedData => "unrelated data, aborting".to_string(),
                     uuid::DisconnectReason::SplitBrain => {
+                        self.handler(Handler::SplitBrain);
                         "Split-Brain detected but unresolved, dropping connection".to_string()
                     }
                     uuid::DisconnectReason::InconsistentSyncSource => {
@@ -2363,6 +2410,10 @@ impl Device {
         }
         self.persist_bitmap();
         self.persist_superblock(false);
+        if self.role == Role::Primary && self.disk < DiskState::UpToDate {
+            // A Primary without good data and without its peer's.
+            self.handler(Handler::PriOnInconDegr);
+        }
         self.retry_waiting();
     }
 
@@ -2756,6 +2807,7 @@ impl Device {
                         || self.md_flags & MDF_CRASHED_PRIMARY != 0);
                 let csums = rs.use_csums;
                 self.resync = Some(rs);
+                self.handler(Handler::BeforeResyncTarget);
                 self.log(format!(
                     "resync started as SyncTarget: {} KiB{}",
                     total * 4,
@@ -2985,6 +3037,7 @@ impl Device {
             self.sync_uuid_deferred = Some((u, conn_gen));
             return;
         }
+        self.handler(Handler::BeforeResyncSource);
         self.send(PeerMsg::SyncUuid(u));
         self.set_conn(ConnState::SyncSource);
         self.set_peer_disk(DiskState::Inconsistent);
@@ -3801,6 +3854,7 @@ impl Device {
             self.set_disk(DiskState::UpToDate);
             self.md_flags &= !MDF_CRASHED_PRIMARY;
             self.log("resync done (SyncTarget)".to_string());
+            self.handler(Handler::AfterResyncTarget);
             if rs_same_csum > 0 || rs_csums {
                 let total = rs_total_sectors.max(1);
                 self.log(format!(
@@ -4805,6 +4859,7 @@ impl Device {
                 "Online verify found {} 4k block out of sync!",
                 v.found
             ));
+            self.handler(Handler::OutOfSync);
         }
         self.set_conn(ConnState::Connected);
         self.persist_bitmap();
