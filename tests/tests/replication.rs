@@ -423,3 +423,73 @@ fn nbd_export_on_tcp_when_configured() {
         .iter()
         .all(|&x| x == 0x3c));
 }
+
+/// Splits the pair: disconnected, bravo promoted too; alpha writes `alpha_blocks` blocks
+/// (from 100), bravo `bravo_blocks` (from 200); `secondaries` lists who demotes again; then
+/// both connect.
+fn split_and_reconnect(p: &mut Pair, alpha_blocks: u64, bravo_blocks: u64, secondaries: &[usize]) {
+    p.up_and_sync();
+    for i in [1, 0] {
+        p.adm_ok(i, &["disconnect", "r0"]);
+    }
+    p.adm_ok(1, &["primary", "r0"]);
+    for (i, base, n) in [(0usize, 100u64, alpha_blocks), (1, 200, bravo_blocks)] {
+        let mut c = NbdClient::connect(&p.nbd_socket(i), "r0").expect("connect");
+        for b in base..base + n {
+            c.write(4096 * b, &stamped_block(b, 10 + i as u64))
+                .expect("write");
+        }
+        c.flush().expect("flush");
+    }
+    for &i in secondaries {
+        p.adm_ok(i, &["secondary", "r0"]);
+    }
+    for i in 0..2 {
+        p.adm_ok(i, &["connect", "r0"]);
+    }
+}
+
+/// Automatic split-brain recovery by after-sb policies, with the report of the diverged
+/// regions on both nodes before the victim's changes are overwritten.
+#[test]
+fn split_brain_recovered_by_policy_with_a_report_of_what_is_lost() {
+    // After-sb-0pri discard-least-changes: alpha changed 1 block, bravo 3: alpha loses.
+    let mut p = pair_on(7890, "after-sb-0pri discard-least-changes;");
+    split_and_reconnect(&mut p, 1, 3, &[0, 1]);
+    p.wait_in_sync(Duration::from_secs(30));
+    let alpha = p.log(0);
+    assert!(
+        alpha.contains("split brain: 16 KiB diverged (this node's changes there are discarded); sectors 800-807 1600-1623"),
+        "{alpha}"
+    );
+    assert!(
+        p.log(1)
+            .contains("split brain: 16 KiB diverged (the peer's changes there are discarded)"),
+        "{}",
+        p.log(1)
+    );
+    assert!(p.data(0, 300 * 4096) == p.data(1, 300 * 4096));
+    let bravo_block = stamped_block(201, 11);
+    assert!(
+        p.data(0, 202 * 4096)[201 * 4096..] == bravo_block[..],
+        "bravo's change lost"
+    );
+
+    // After-sb-1pri discard-secondary: alpha stays Primary and wins over bravo.
+    let mut p = pair_on(7891, "after-sb-1pri discard-secondary;");
+    split_and_reconnect(&mut p, 2, 1, &[1]);
+    p.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(p.role(0), "Primary/Secondary");
+    assert!(
+        p.log(1)
+            .contains("(this node's changes there are discarded); sectors 800-815 1600-1607"),
+        "{}",
+        p.log(1)
+    );
+    assert!(p.data(0, 300 * 4096) == p.data(1, 300 * 4096));
+    let alpha_block = stamped_block(101, 10);
+    assert!(
+        p.data(1, 102 * 4096)[101 * 4096..] == alpha_block[..],
+        "alpha's change lost"
+    );
+}

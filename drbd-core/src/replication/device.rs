@@ -779,6 +779,9 @@ pub struct Device {
 
     resync: Option<ResyncState>,
     verify: Option<VerifyState>,
+    /// The resync about to start resolves a split brain: report the diverged regions when
+    /// the bitmaps are merged.
+    sb_report: bool,
     /// A cluster-wide state change asked of the peer (`P_STATE_CHG_REQ`), waiting for its
     /// answer.
     state_request: Option<StateRequest>,
@@ -935,6 +938,7 @@ impl Device {
             resync: None,
             verify: None,
             state_request: None,
+            sb_report: false,
             actions: VecDeque::new(),
             written: 0,
             read: 0,
@@ -2234,6 +2238,10 @@ impl Device {
         match d.outcome {
             HandshakeOutcome::Proceed(plan) => {
                 self.discard_my_data = false;
+                // A split brain resolved (by policy or by hand): once both bitmaps are
+                // merged, say which regions the resync is about to overwrite.
+                self.sb_report = d.split_brain.is_some()
+                    && matches!(plan, Resync::AsSource { .. } | Resync::AsTarget { .. });
                 self.start_plan(plan);
             }
             HandshakeOutcome::Disconnect(reason) => {
@@ -2989,6 +2997,9 @@ impl Device {
             .bitmap
             .merge_words(words)
             .map_err(|e| ProtocolError(format!("bitmap: {e}")))?;
+        if std::mem::take(&mut self.sb_report) {
+            self.report_diverged_regions();
+        }
         match self.conn {
             ConnState::WfBitMapT => {
                 self.log(format!("received bitmap: {merged} new bits"));
@@ -3003,6 +3014,43 @@ impl Device {
             }
             c => Err(ProtocolError(format!("bitmap received in state {c}"))),
         }
+    }
+
+    /// After a split brain, before the resync overwrites the victim's changes: the regions
+    /// the two nodes changed since they split (both bitmaps merged), for the operator to see
+    /// what the victim loses.
+    fn report_diverged_regions(&mut self) {
+        const MAX_RUNS: usize = 32;
+        let bits = self.bitmap.bits();
+        let mut runs = Vec::new();
+        let mut total = 0;
+        let mut at = 0;
+        while let Some(first) = self.bitmap.next_set(at) {
+            let end = self.bitmap.next_clear(first).min(bits);
+            total += end - first;
+            if runs.len() < MAX_RUNS {
+                runs.push(format!(
+                    "{}-{}",
+                    first * SECTORS_PER_BIT,
+                    end * SECTORS_PER_BIT - 1
+                ));
+            }
+            if end >= bits {
+                break;
+            }
+            at = end;
+        }
+        let role = if self.conn == ConnState::WfBitMapT {
+            "this node's changes there are discarded"
+        } else {
+            "the peer's changes there are discarded"
+        };
+        let more = if runs.len() == MAX_RUNS { " ..." } else { "" };
+        self.log(format!(
+            "split brain: {} KiB diverged ({role}); sectors {}{more}",
+            total * 4,
+            runs.join(" ")
+        ));
     }
 
     /// Becomes SyncSource: a new bitmap UUID, sent to the target once it is on disk.
