@@ -188,6 +188,7 @@ COMMANDS (carried out by drbdd; RESOURCE may be RES/VNR where a volume makes sen
   invalidate / invalidate-remote
   new-current-uuid [--clear-bitmap]
   verify                start an online verify (net { verify-alg })
+  outdate               mark the local data Outdated (fence-peer handlers)
   pause-sync / resume-sync
 ";
 

@@ -384,6 +384,7 @@ fn setup_lines(cmd: DaemonCommand, t: &Target, args: &Args) -> Vec<String> {
         | Command::Invalidate
         | Command::InvalidateRemote
         | Command::Verify
+        | Command::Outdate
         | Command::PauseSync
         | Command::ResumeSync
         | Command::Role

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use drbd_core::config::model::{MetaDisk, Protocol as ModelProtocol, ResourceModel};
-use drbd_core::replication::device::{DeviceConfig, OnIoError, Protocol, ResyncRate};
+use drbd_core::replication::device::{DeviceConfig, Fencing, OnIoError, Protocol, ResyncRate};
 use drbd_core::replication::digest::DigestAlg;
 use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
 use drbd_core::uuid::{AfterSbPolicy, RrConflict, SplitBrainPolicy};
@@ -72,6 +72,10 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         None => OnIoError::Detach,
         Some(v) => OnIoError::from_name(&v).ok_or_else(|| format!("on-io-error: unknown '{v}'"))?,
     };
+    let fencing = match m.value("fencing") {
+        None => Fencing::DontCare,
+        Some(v) => Fencing::from_name(&v).ok_or_else(|| format!("fencing: unknown '{v}'"))?,
+    };
     let d = ResyncRate::default();
     Ok(DeviceConfig {
         protocol,
@@ -92,6 +96,7 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         csums_alg,
         csums_after_crash_only: m.flag("csums-after-crash-only"),
         on_io_error,
+        fencing,
         rng_seed: 0,
     })
 }

@@ -133,6 +133,7 @@ impl Replica for FakeReplica {
                     }
                 }
                 AdminRequest::Invalidate
+                | AdminRequest::Outdate
                 | AdminRequest::NewCurrentUuid { .. }
                 | AdminRequest::PauseSync
                 | AdminRequest::ResumeSync => {}

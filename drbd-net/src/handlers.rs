@@ -14,8 +14,13 @@ pub const HANDLER_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most handlers waiting for their turn per resource; more are skipped (and logged).
 pub const MAX_QUEUED: usize = 16;
 
-/// One handler waiting for its turn: resource, handler name, the command.
-type Job = (String, &'static str, Command);
+/// Receives a handler's exit code (-1 when it could not run, was killed, or none is
+/// configured).
+pub type Done = Box<dyn FnOnce(i32) + Send>;
+
+/// One handler waiting for its turn: resource, handler name, the command, who wants the
+/// exit code.
+type Job = (String, &'static str, Command, Option<Done>);
 
 /// The configured handler commands of a resource and the environment they run with.
 #[derive(Debug, Clone, Default)]
@@ -46,10 +51,14 @@ impl Handlers {
             .map(|(_, c)| c.as_str())
     }
 
-    /// Starts handler `name` if one is configured; returns at once.
-    pub fn run(&self, resource: &str, name: &'static str) {
+    /// Starts handler `name` if one is configured; returns at once. `done` gets the exit
+    /// code.
+    pub fn run(&self, resource: &str, name: &'static str, done: Option<Done>) {
         let Some(cmd) = self.command(name) else {
             tracing::debug!(resource, handler = name, "no handler configured");
+            if let Some(done) = done {
+                done(-1);
+            }
             return;
         };
         let mut c = Command::new("/bin/sh");
@@ -68,33 +77,43 @@ impl Handlers {
         let tx = queue.get_or_insert_with(|| {
             let (tx, rx) = sync_channel::<Job>(MAX_QUEUED);
             std::thread::spawn(move || {
-                for (resource, name, c) in rx {
-                    watch(&resource, name, c);
+                for (resource, name, c, done) in rx {
+                    let code = watch(&resource, name, c);
+                    if let Some(done) = done {
+                        done(code);
+                    }
                 }
             });
             tx
         });
-        match tx.try_send((resource.to_string(), name, c)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => tracing::warn!(
-                resource,
-                handler = name,
-                "{MAX_QUEUED} handlers wait for their turn already; not running this one"
-            ),
-            Err(TrySendError::Disconnected(_)) => {
-                tracing::warn!(resource, handler = name, "the handler thread is gone")
+        let refused = match tx.try_send((resource.to_string(), name, c, done)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(job)) => {
+                tracing::warn!(
+                    resource,
+                    handler = name,
+                    "{MAX_QUEUED} handlers wait for their turn already; not running this one"
+                );
+                job
             }
+            Err(TrySendError::Disconnected(job)) => {
+                tracing::warn!(resource, handler = name, "the handler thread is gone");
+                job
+            }
+        };
+        if let Some(done) = refused.3 {
+            done(-1);
         }
     }
 }
 
-/// Runs `c` to its end or to the timeout.
-fn watch(resource: &str, name: &str, mut c: Command) {
+/// Runs `c` to its end or to the timeout; its exit code, or -1.
+fn watch(resource: &str, name: &str, mut c: Command) -> i32 {
     let mut child = match c.spawn() {
         Ok(child) => child,
         Err(e) => {
             tracing::warn!(resource, handler = name, "handler could not start: {e}");
-            return;
+            return -1;
         }
     };
     let deadline = Instant::now() + HANDLER_TIMEOUT;
@@ -115,7 +134,7 @@ fn watch(resource: &str, name: &str, mut c: Command) {
                         "helper command: {name} exit code {code}"
                     );
                 }
-                return;
+                return code;
             }
             Ok(None) if Instant::now() >= deadline => {
                 let _ = child.kill();
@@ -126,7 +145,7 @@ fn watch(resource: &str, name: &str, mut c: Command) {
                     "handler ran longer than {} s: killed",
                     HANDLER_TIMEOUT.as_secs()
                 );
-                return;
+                return -1;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(20)),
             Err(e) => {
@@ -135,7 +154,7 @@ fn watch(resource: &str, name: &str, mut c: Command) {
                     handler = name,
                     "waiting for the handler failed: {e}"
                 );
-                return;
+                return -1;
             }
         }
     }

@@ -29,7 +29,7 @@ use drbd_core::meta::superblock::{Magic, SuperblockV08, Uuids};
 use drbd_core::replication::activity_log::{self, ActivityLog};
 use drbd_core::replication::bitmap::DirtyBitmap;
 use drbd_core::replication::device::{
-    Action, AppOp, Device, DeviceConfig, DiskOp as CoreOp, IoError, LocalDisk, MetaOp,
+    Action, AppOp, Device, DeviceConfig, DiskOp as CoreOp, Handler, IoError, LocalDisk, MetaOp,
     MAX_REQUEST_BYTES, RESYNC_STEP,
 };
 use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
@@ -278,6 +278,7 @@ impl Replica {
         let (status_tx, status_rx) = watch::channel(dev.status());
         let (cmd_tx, cmd_rx) = mpsc::channel(CMD_QUEUE);
         let (restart_tx, restart_rx) = mpsc::unbounded_channel();
+        let (handler_tx, handler_rx) = mpsc::unbounded_channel();
         let size_bytes = sectors * 512;
         let mut actor = Actor {
             name: cfg.name.clone(),
@@ -299,6 +300,8 @@ impl Replica {
             outbox_bytes: Arc::new(AtomicUsize::new(0)),
             restart_tx,
             restart_rx: Some(restart_rx),
+            handler_tx,
+            handler_rx: Some(handler_rx),
             pending_detach: None,
             cfg: cfg.clone(),
             shutting_down: None,
@@ -601,6 +604,9 @@ struct Actor {
     outbox_bytes: Arc<AtomicUsize>,
     /// A dropped connection that is to be started again reports here once it is closed.
     restart_tx: mpsc::UnboundedSender<()>,
+    /// Handlers whose exit code the device wants report here.
+    handler_tx: mpsc::UnboundedSender<(Handler, i32)>,
+    handler_rx: Option<mpsc::UnboundedReceiver<(Handler, i32)>>,
     restart_rx: Option<mpsc::UnboundedReceiver<()>>,
     /// A `detach` waiting for the local I/O in flight.
     pending_detach: Option<oneshot::Sender<Result<(), AdminError>>>,
@@ -621,6 +627,10 @@ impl Actor {
             .expect("the actor runs once with its restart channel");
         let mut tick = tokio::time::interval(RESYNC_STEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut handler_results = self
+            .handler_rx
+            .take()
+            .expect("the actor runs once with its handler channel");
         loop {
             let receive = self.dev.can_receive() && self.session.is_some();
             let accept = self.shutting_down.is_none()
@@ -647,6 +657,10 @@ impl Actor {
                 _ = tick.tick() => {
                     let now = self.now();
                     self.dev.tick(now);
+                }
+                Some((h, code)) = handler_results.recv() => {
+                    let now = self.now();
+                    self.dev.handler_done(now, h, code);
                 }
             }
             self.drain_actions();
@@ -899,7 +913,18 @@ impl Actor {
                     }
                 }
                 Action::Log(line) => tracing::info!(resource = %self.name, "{line}"),
-                Action::Handler(h) => self.cfg.handlers.run(&self.name, h.name()),
+                Action::Handler(h) => {
+                    // fence-peer's exit code decides what the device does next.
+                    let done: Option<Box<dyn FnOnce(i32) + Send>> = if h == Handler::FencePeer {
+                        let tx = self.handler_tx.clone();
+                        Some(Box::new(move |code| {
+                            let _ = tx.send((h, code));
+                        }))
+                    } else {
+                        None
+                    };
+                    self.cfg.handlers.run(&self.name, h.name(), done);
+                }
             }
         }
         self.publish_hello();

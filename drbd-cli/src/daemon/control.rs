@@ -55,6 +55,7 @@ pub enum Command {
     InvalidateRemote,
     NewCurrentUuid,
     Verify,
+    Outdate,
     PauseSync,
     ResumeSync,
     Role,
@@ -65,7 +66,7 @@ pub enum Command {
 
 impl Command {
     /// Every command, in the order of `drbdadm help`.
-    pub const ALL: [Command; 18] = [
+    pub const ALL: [Command; 19] = [
         Command::Up,
         Command::Down,
         Command::Attach,
@@ -78,6 +79,7 @@ impl Command {
         Command::InvalidateRemote,
         Command::NewCurrentUuid,
         Command::Verify,
+        Command::Outdate,
         Command::PauseSync,
         Command::ResumeSync,
         Command::Role,
@@ -101,6 +103,7 @@ impl Command {
             Command::InvalidateRemote => "invalidate-remote",
             Command::NewCurrentUuid => "new-current-uuid",
             Command::Verify => "verify",
+            Command::Outdate => "outdate",
             Command::PauseSync => "pause-sync",
             Command::ResumeSync => "resume-sync",
             Command::Role => "role",

@@ -380,6 +380,7 @@ impl Host {
                 true,
             ),
             Command::Verify => (AdminRequest::Verify, true),
+            Command::Outdate => (AdminRequest::Outdate, true),
             Command::PauseSync => (AdminRequest::PauseSync, true),
             Command::ResumeSync => (AdminRequest::ResumeSync, true),
             other => {

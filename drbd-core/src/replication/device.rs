@@ -167,6 +167,30 @@ impl OnIoError {
     }
 }
 
+/// `fencing`: how a Primary that lost its peer makes sure the peer's data is not used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fencing {
+    /// `dont-care` (the default): nothing.
+    DontCare,
+    /// `resource-only`: the `fence-peer` handler is called to outdate the peer.
+    ResourceOnly,
+    /// `resource-and-stonith`: as `resource-only`, and application I/O is frozen until the
+    /// handler's answer is decisive.
+    ResourceAndStonith,
+}
+
+impl Fencing {
+    /// The policy of its drbd.conf name.
+    pub fn from_name(name: &str) -> Option<Fencing> {
+        match name {
+            "dont-care" => Some(Fencing::DontCare),
+            "resource-only" => Some(Fencing::ResourceOnly),
+            "resource-and-stonith" => Some(Fencing::ResourceAndStonith),
+            _ => None,
+        }
+    }
+}
+
 /// Per-volume replication settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeviceConfig {
@@ -190,6 +214,8 @@ pub struct DeviceConfig {
     pub csums_after_crash_only: bool,
     /// `on-io-error`: what a failing local disk leads to.
     pub on_io_error: OnIoError,
+    /// `fencing`: what a Primary does when it loses its peer.
+    pub fencing: Fencing,
     /// Seed of the generator for new UUIDs.
     pub rng_seed: u64,
 }
@@ -208,6 +234,7 @@ impl Default for DeviceConfig {
             csums_alg: None,
             csums_after_crash_only: false,
             on_io_error: OnIoError::Detach,
+            fencing: Fencing::DontCare,
             rng_seed: 0x5eed,
         }
     }
@@ -302,8 +329,8 @@ pub enum Action {
     Disconnect { reason: String, retry: bool },
     /// A state change or event worth a log line.
     Log(String),
-    /// Run the configured handler (drbd.conf `handlers { }`), if any. Its exit code is
-    /// not waited for.
+    /// Run the configured handler (drbd.conf `handlers { }`), if any. Only `fence-peer`'s
+    /// exit code is wanted back ([`Device::handler_done`]); the others are not waited for.
     Handler(Handler),
 }
 
@@ -319,6 +346,7 @@ pub enum Handler {
     BeforeResyncSource,
     AfterResyncTarget,
     OutOfSync,
+    FencePeer,
 }
 
 impl Handler {
@@ -334,6 +362,7 @@ impl Handler {
             Handler::BeforeResyncSource => "before-resync-source",
             Handler::AfterResyncTarget => "after-resync-target",
             Handler::OutOfSync => "out-of-sync",
+            Handler::FencePeer => "fence-peer",
         }
     }
 }
@@ -782,6 +811,10 @@ pub struct Device {
     /// The resync about to start resolves a split brain: report the diverged regions when
     /// the bitmaps are merged.
     sb_report: bool,
+    /// `fence-peer` runs; its exit code is awaited.
+    fencing_pending: bool,
+    /// Application I/O is frozen (resource-and-stonith, until fence-peer's answer).
+    frozen: bool,
     /// A cluster-wide state change asked of the peer (`P_STATE_CHG_REQ`), waiting for its
     /// answer.
     state_request: Option<StateRequest>,
@@ -939,6 +972,8 @@ impl Device {
             verify: None,
             state_request: None,
             sb_report: false,
+            fencing_pending: false,
+            frozen: false,
             actions: VecDeque::new(),
             written: 0,
             read: 0,
@@ -1396,6 +1431,9 @@ impl Device {
 
     /// Whether a request may start now (else it waits in `waiting`).
     fn may_start(&self, id: ReqId) -> bool {
+        if self.frozen {
+            return false;
+        }
         let r = &self.reqs[&id];
         if !r.kind.is_write() {
             return true;
@@ -2131,6 +2169,11 @@ impl Device {
         self.packet_seq = 0;
         self.peer_seq = 0;
         self.seq_held.clear();
+        if self.frozen {
+            // The peer is back: fencing is moot (8.4 ignores the handler's late answer).
+            self.frozen = false;
+            self.log("I/O resumed: the peer is connected again".to_string());
+        }
         self.conn = ConnState::WfReportParams;
         // Only the data generation and the role matter: the bitmap weight sent in P_UUIDS is
         // informational, and writes during the handshake go into the bitmap that is
@@ -2332,6 +2375,22 @@ impl Device {
 
     fn teardown(&mut self) {
         self.connected = false;
+        // A Primary that loses a peer that may hold good data fences it (8.4
+        // `conn_try_outdate_peer`): the fence-peer handler outdates or shoots it.
+        let peer_may_be_good = self.peer_disk >= DiskState::DUnknown;
+        if self.cfg.fencing != Fencing::DontCare
+            && self.role == Role::Primary
+            && peer_may_be_good
+            && self.disk >= DiskState::Consistent
+            && !self.fencing_pending
+        {
+            self.fencing_pending = true;
+            if self.cfg.fencing == Fencing::ResourceAndStonith {
+                self.frozen = true;
+                self.log("I/O suspended until the fence-peer handler answers".to_string());
+            }
+            self.handler(Handler::FencePeer);
+        }
         if self.negotiating.take().is_some() {
             // The attached disk was never compared with the peer's: its data may be stale,
             // and using it now could serve stale reads. Back to Diskless; attach again.
@@ -4256,6 +4315,7 @@ impl Device {
                 }
             }
             AdminRequest::Verify => self.request_verify(),
+            AdminRequest::Outdate => self.outdate(),
             AdminRequest::PauseSync | AdminRequest::ResumeSync => {
                 let pause = req == AdminRequest::PauseSync;
                 let Some(rs) = self.resync.as_mut() else {
@@ -4360,6 +4420,91 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    /// A handler whose answer is wanted finished with `exit_code` (`fence-peer`: 8.4's
+    /// contract, exit codes 3 to 7).
+    pub fn handler_done(&mut self, now: Duration, h: Handler, exit_code: i32) {
+        self.now = now;
+        if h != Handler::FencePeer || !std::mem::take(&mut self.fencing_pending) {
+            return;
+        }
+        if self.connected {
+            self.log(format!(
+                "fence-peer helper returned {exit_code}, ignored: the peer is connected again"
+            ));
+            return;
+        }
+        let decisive = match exit_code {
+            3 => {
+                self.log("fence-peer helper returned 3 (peer is inconsistent)".to_string());
+                self.set_peer_disk(DiskState::Inconsistent);
+                true
+            }
+            4 => {
+                self.log("fence-peer helper returned 4 (peer was fenced)".to_string());
+                self.set_peer_disk(DiskState::Outdated);
+                true
+            }
+            5 => {
+                self.log(
+                    "fence-peer helper returned 5 (peer is unreachable, assumed to be dead)"
+                        .to_string(),
+                );
+                if self.disk == DiskState::UpToDate {
+                    self.set_peer_disk(DiskState::Outdated);
+                }
+                true
+            }
+            6 => {
+                self.log(
+                    "fence-peer helper returned 6 (peer is primary, outdating myself)".to_string(),
+                );
+                self.set_disk(DiskState::Outdated);
+                true
+            }
+            7 => {
+                if self.cfg.fencing != Fencing::ResourceAndStonith {
+                    self.log("fence-peer helper returned 7 (peer was stonithed) although fencing is not resource-and-stonith".to_string());
+                } else {
+                    self.log("fence-peer helper returned 7 (peer was stonithed)".to_string());
+                }
+                self.set_peer_disk(DiskState::Outdated);
+                true
+            }
+            other => {
+                self.log(format!("fence-peer helper broken, returned {other}"));
+                false
+            }
+        };
+        // The flags record an outdated peer (or our own outdated disk).
+        self.persist_superblock(false);
+        if self.frozen && decisive {
+            self.frozen = false;
+            self.log("I/O resumed".to_string());
+            self.retry_waiting();
+        }
+    }
+
+    /// `outdate`: the local data is marked Outdated (on a disconnected Secondary; the
+    /// fence-peer handler of a Primary runs it here).
+    fn outdate(&mut self) -> Result<(), AdminError> {
+        if self.role == Role::Primary {
+            return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
+        }
+        if self.connected && self.conn >= ConnState::Connected {
+            return Err(AdminError::State(StateRefusal::ConnectedOutdates));
+        }
+        match self.disk {
+            DiskState::Outdated => Ok(()),
+            DiskState::UpToDate | DiskState::Consistent => {
+                self.set_disk(DiskState::Outdated);
+                // The superblock keeps it: Consistent, not up to date.
+                self.persist_superblock(false);
+                Ok(())
+            }
+            _ => Err(AdminError::State(StateRefusal::LowerThanOutdated)),
+        }
     }
 
     /// Prepares a clean stop: the runtime calls this after in-flight requests finished.

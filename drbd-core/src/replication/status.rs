@@ -78,6 +78,8 @@ pub enum StateRefusal {
     NoLocalDisk,
     /// -5: resync requested without the peer's disk.
     NoRemoteDisk,
+    /// -6: `outdate` while connected.
+    ConnectedOutdates,
     /// -7 (`SS_PRIMARY_NOP`): promotion while the peer might hold newer data (fencing).
     PeerNotOutdated,
     /// -8: a resync or verify is already running.
@@ -104,6 +106,7 @@ impl StateRefusal {
             StateRefusal::NoUpToDateDisk => -2,
             StateRefusal::NoLocalDisk => -4,
             StateRefusal::NoRemoteDisk => -5,
+            StateRefusal::ConnectedOutdates => -6,
             StateRefusal::PeerNotOutdated => -7,
             StateRefusal::ResyncRunning => -8,
             StateRefusal::RefusedByPeer => -10,
@@ -122,6 +125,7 @@ impl StateRefusal {
             StateRefusal::NoUpToDateDisk,
             StateRefusal::NoLocalDisk,
             StateRefusal::NoRemoteDisk,
+            StateRefusal::ConnectedOutdates,
             StateRefusal::PeerNotOutdated,
             StateRefusal::ResyncRunning,
             StateRefusal::RefusedByPeer,
@@ -144,6 +148,7 @@ impl StateRefusal {
             StateRefusal::NoRemoteDisk => "Can not resync without remote disk",
             StateRefusal::PeerNotOutdated => "Refusing to be Primary while peer is not outdated",
             StateRefusal::ResyncRunning => "Can not start OV/resync since it is already active",
+            StateRefusal::ConnectedOutdates => "Refusing to be Outdated while Connected",
             StateRefusal::RefusedByPeer => "State change was refused by peer node",
             StateRefusal::DeviceInUse => "Device is held open by someone",
             StateRefusal::NoVerifyAlg => "Need a verify algorithm to start online verify",
@@ -195,6 +200,8 @@ pub enum AdminRequest {
     },
     /// Start an online verify of the whole device (`verify`).
     Verify,
+    /// Mark the local data Outdated (`outdate`; fence-peer handlers run it on the peer).
+    Outdate,
     /// Pause / resume the resync (`pause-sync`, `resume-sync`).
     PauseSync,
     ResumeSync,

@@ -1,0 +1,98 @@
+//! fencing resource-and-stonith with the fence-peer contract: a Primary that loses its peer
+//! freezes application I/O and calls fence-peer, whose script outdates the peer with
+//! `drbdadm outdate` (exit codes as the fence scripts read them) and answers 4; a broken
+//! answer keeps I/O frozen until the peer is back.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tests::{bin_dir, stamped_block, NbdClient, Pair, PairSpec};
+
+/// A pair fencing with resource-and-stonith whose fence-peer handler is `script`
+/// (`{OUTDATE}` stands for the command that outdates bravo, as ssh would).
+fn fencing_pair(port: u16, script: &str) -> Pair {
+    let addresses = [format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}")];
+    let mut p = Pair::new(PairSpec {
+        addresses: [&addresses[0], &addresses[1]],
+        size_mib: 8,
+        disk_extra: "fencing resource-and-stonith;",
+        ..PairSpec::default()
+    });
+    let outdate = format!(
+        "{} -c {} --node bravo --state-dir {} outdate r0",
+        bin_dir().join("drbdadm").display(),
+        p.conf.display(),
+        p.nodes[1].state_dir.display()
+    );
+    let script = script.replace("{OUTDATE}", &outdate);
+    let path = p.dir.path().join("fence-peer.sh");
+    std::fs::write(&path, format!("#!/bin/sh\n{script}\n")).expect("script");
+    let handlers = format!(
+        "    handlers {{ fence-peer \"/bin/sh {}\"; }}",
+        path.display()
+    );
+    p.set_node_conf(0, |c| {
+        c.replacen("resource r0 {", &format!("resource r0 {{\n{handlers}"), 1)
+    });
+    p
+}
+
+/// A write through alpha's export, on a thread: the receiver gets its result.
+fn write_async(p: &Pair, block: u64) -> mpsc::Receiver<bool> {
+    let socket = p.nbd_socket(0);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut nbd = NbdClient::connect(&socket, "r0").expect("NBD connect");
+        let ok = nbd.write(block * 4096, &stamped_block(block, 9)).is_ok();
+        let _ = tx.send(ok);
+    });
+    rx
+}
+
+#[test]
+fn fence_peer_outdates_the_peer_and_io_goes_on() {
+    let script = "{OUTDATE}\ncase $? in 0) exit 4;; 5) exit 3;; 17) exit 6;; *) exit 5;; esac";
+    let mut p = fencing_pair(7895, script);
+    p.up_and_sync();
+    // bravo goes away: alpha (Primary) fences it.
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("bravo outdated", Duration::from_secs(20), |p| {
+        p.dstate(1) == "Outdated/DUnknown" && p.dstate(0) == "UpToDate/Outdated"
+    });
+    let log = p.log(0);
+    for line in [
+        "I/O suspended until the fence-peer handler answers",
+        "fence-peer helper returned 4 (peer was fenced)",
+        "I/O resumed",
+    ] {
+        assert!(log.contains(line), "{line}:\n{log}");
+    }
+    assert!(
+        write_async(&p, 7).recv_timeout(Duration::from_secs(10)) == Ok(true),
+        "a write after fencing did not complete"
+    );
+    // `outdate` as the fence scripts read it: 17 on a Primary, 0 when already Outdated.
+    assert_eq!(p.adm(0, &["outdate", "r0"]).code, 17);
+    assert_eq!(p.adm(1, &["outdate", "r0"]).code, 0);
+}
+
+#[test]
+fn a_broken_fence_peer_keeps_io_frozen_until_the_peer_is_back() {
+    let mut p = fencing_pair(7896, "exit 1");
+    p.up_and_sync();
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("fence-peer answered", Duration::from_secs(20), |p| {
+        p.log(0).contains("fence-peer helper broken, returned 1")
+    });
+    // Frozen: the write waits.
+    let done = write_async(&p, 3);
+    assert!(
+        done.recv_timeout(Duration::from_secs(2)).is_err(),
+        "a write completed while I/O was frozen"
+    );
+    // The peer comes back: I/O resumes and the write completes, on both disks.
+    p.adm_ok(1, &["connect", "r0"]);
+    assert_eq!(done.recv_timeout(Duration::from_secs(20)), Ok(true));
+    p.wait_in_sync(Duration::from_secs(20));
+    assert!(p.data(0, 4 * 4096) == p.data(1, 4 * 4096));
+}
