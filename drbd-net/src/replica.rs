@@ -32,7 +32,7 @@ use drbd_core::replication::device::{
     Action, AppOp, Device, DeviceConfig, DiskOp as CoreOp, Handler, IoError, LocalDisk, MetaOp,
     MAX_REQUEST_BYTES, RESYNC_STEP,
 };
-use drbd_core::replication::status::{AdminError, AdminRequest, VolumeStatus};
+use drbd_core::replication::status::{AdminError, AdminRequest, StateRefusal, VolumeStatus};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -739,6 +739,32 @@ impl Actor {
             }
             AdminRequest::Attach => self.attach().await,
             AdminRequest::Detach => unreachable!("detach is handled in command()"),
+            AdminRequest::Primary { force } => {
+                let r = self.dev.admin(now, req);
+                if r != Err(AdminError::State(StateRefusal::PeerNotOutdated)) {
+                    return r;
+                }
+                // The peer's data state is unknown: fence it first, as 8.4's drbd_set_role
+                // does (the promotion waits for the handler, at most its time limit).
+                self.dev.fence_for_promotion();
+                let (tx, rx) = oneshot::channel();
+                let done: Box<dyn FnOnce(i32) + Send> = Box::new(move |code| {
+                    let _ = tx.send(code);
+                });
+                self.drain_actions();
+                self.cfg
+                    .handlers
+                    .run(&self.name, Handler::FencePeer.name(), Some(done));
+                let code = rx.await.unwrap_or(-1);
+                let now = self.now();
+                self.dev.handler_done(now, Handler::FencePeer, code);
+                let r = self.dev.admin(now, req);
+                if r == Err(AdminError::State(StateRefusal::PeerNotOutdated)) && force {
+                    self.dev.force_peer_outdated();
+                    return self.dev.admin(now, req);
+                }
+                r
+            }
             other => self.dev.admin(now, other),
         }
     }

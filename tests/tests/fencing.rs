@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use tests::{bin_dir, stamped_block, NbdClient, Pair, PairSpec};
 
-/// A pair fencing with resource-and-stonith whose fence-peer handler is `script`
-/// (`{OUTDATE}` stands for the command that outdates bravo, as ssh would).
-fn fencing_pair(port: u16, script: &str) -> Pair {
+/// A pair fencing with resource-and-stonith where node `fencer` has the fence-peer handler
+/// `script` (`{OUTDATE}` stands for the command that outdates the other node, as ssh would).
+fn fencing_pair(port: u16, script: &str, fencer: usize) -> Pair {
     let addresses = [format!("127.0.0.1:{port}"), format!("127.0.0.2:{port}")];
     let mut p = Pair::new(PairSpec {
         addresses: [&addresses[0], &addresses[1]],
@@ -18,11 +18,13 @@ fn fencing_pair(port: u16, script: &str) -> Pair {
         disk_extra: "fencing resource-and-stonith;",
         ..PairSpec::default()
     });
+    let victim = &p.nodes[1 - fencer];
     let outdate = format!(
-        "{} -c {} --node bravo --state-dir {} outdate r0",
+        "{} -c {} --node {} --state-dir {} outdate r0",
         bin_dir().join("drbdadm").display(),
         p.conf.display(),
-        p.nodes[1].state_dir.display()
+        victim.name,
+        victim.state_dir.display()
     );
     let script = script.replace("{OUTDATE}", &outdate);
     let path = p.dir.path().join("fence-peer.sh");
@@ -31,7 +33,7 @@ fn fencing_pair(port: u16, script: &str) -> Pair {
         "    handlers {{ fence-peer \"/bin/sh {}\"; }}",
         path.display()
     );
-    p.set_node_conf(0, |c| {
+    p.set_node_conf(fencer, |c| {
         c.replacen("resource r0 {", &format!("resource r0 {{\n{handlers}"), 1)
     });
     p
@@ -52,7 +54,7 @@ fn write_async(p: &Pair, block: u64) -> mpsc::Receiver<bool> {
 #[test]
 fn fence_peer_outdates_the_peer_and_io_goes_on() {
     let script = "{OUTDATE}\ncase $? in 0) exit 4;; 5) exit 3;; 17) exit 6;; *) exit 5;; esac";
-    let mut p = fencing_pair(7895, script);
+    let mut p = fencing_pair(7895, script, 0);
     p.up_and_sync();
     // bravo goes away: alpha (Primary) fences it.
     p.adm_ok(1, &["disconnect", "r0"]);
@@ -78,7 +80,7 @@ fn fence_peer_outdates_the_peer_and_io_goes_on() {
 
 #[test]
 fn a_broken_fence_peer_keeps_io_frozen_until_the_peer_is_back() {
-    let mut p = fencing_pair(7896, "exit 1");
+    let mut p = fencing_pair(7896, "exit 1", 0);
     p.up_and_sync();
     p.adm_ok(1, &["disconnect", "r0"]);
     p.wait_until("fence-peer answered", Duration::from_secs(20), |p| {
@@ -95,4 +97,51 @@ fn a_broken_fence_peer_keeps_io_frozen_until_the_peer_is_back() {
     assert_eq!(done.recv_timeout(Duration::from_secs(20)), Ok(true));
     p.wait_in_sync(Duration::from_secs(20));
     assert!(p.data(0, 4 * 4096) == p.data(1, 4 * 4096));
+}
+
+/// A disconnected Secondary is promoted (a failover): with fencing it outdates its peer
+/// through fence-peer first; without a working fence-peer the promotion is refused (-7,
+/// exit 11) unless forced.
+#[test]
+fn promotion_fences_the_peer_first() {
+    let script = "{OUTDATE}\ncase $? in 0) exit 4;; *) exit 1;; esac";
+    // bravo fences alpha.
+    let mut p = fencing_pair(7897, script, 1);
+    p.up_and_sync();
+    p.adm_ok(0, &["secondary", "r0"]);
+    for i in [0, 1] {
+        p.adm_ok(i, &["disconnect", "r0"]);
+    }
+    p.adm_ok(1, &["primary", "r0"]);
+    assert_eq!(p.dstate(0), "Outdated/DUnknown");
+    assert_eq!(p.dstate(1), "UpToDate/Outdated");
+    assert!(
+        p.log(1)
+            .contains("fence-peer helper returned 4 (peer was fenced)"),
+        "{}",
+        p.log(1)
+    );
+
+    // alpha has no fence-peer handler: its promotion is refused, unless forced. (alpha is
+    // Outdated now, so take a fresh pair.)
+    let mut p = fencing_pair(7898, script, 1);
+    p.up_and_sync();
+    p.adm_ok(0, &["secondary", "r0"]);
+    for i in [0, 1] {
+        p.adm_ok(i, &["disconnect", "r0"]);
+    }
+    let r = p.adm(0, &["primary", "r0"]);
+    assert_eq!(r.code, 11, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr
+            .contains("Refusing to be Primary while peer is not outdated"),
+        "{}",
+        r.stderr
+    );
+    p.adm_ok(0, &["primary", "--force", "r0"]);
+    assert!(
+        p.log(0).contains("Forced into split brain situation!"),
+        "{}",
+        p.log(0)
+    );
 }

@@ -919,7 +919,12 @@ impl Device {
             peer_role: Role::Unknown,
             conn: ConnState::StandAlone,
             disk: disk_state,
-            peer_disk: DiskState::DUnknown,
+            // A peer fenced before the restart stays Outdated until it connects.
+            peer_disk: if flags & MDF_PEER_OUT_DATED != 0 {
+                DiskState::Outdated
+            } else {
+                DiskState::DUnknown
+            },
             standalone_reason: None,
             uuids,
             md_flags: flags,
@@ -4379,6 +4384,14 @@ impl Device {
         if self.transitional() {
             return Err(AdminError::State(StateRefusal::ConcurrentChange));
         }
+        if self.cfg.fencing != Fencing::DontCare
+            && !self.connected
+            && self.peer_disk >= DiskState::DUnknown
+        {
+            // The peer may hold newer data: it must be fenced first (8.4 SS_PRIMARY_NOP; the
+            // runtime runs fence-peer and asks again, see `fence_for_promotion`).
+            return Err(AdminError::State(StateRefusal::PeerNotOutdated));
+        }
         let peer_good = self.connected && self.peer_disk == DiskState::UpToDate;
         let local_good = self.disk == DiskState::UpToDate;
         let mut forced = false;
@@ -4484,6 +4497,21 @@ impl Device {
             self.log("I/O resumed".to_string());
             self.retry_waiting();
         }
+    }
+
+    /// A promotion was refused with [`StateRefusal::PeerNotOutdated`]: the runtime runs the
+    /// fence-peer handler itself, waits for it, reports with [`Device::handler_done`] and
+    /// asks again.
+    pub fn fence_for_promotion(&mut self) {
+        self.fencing_pending = true;
+        self.log("fencing the peer before the promotion".to_string());
+    }
+
+    /// `primary --force` after fencing failed: the peer is taken as Outdated (8.4's "Forced
+    /// into split brain situation!").
+    pub fn force_peer_outdated(&mut self) {
+        self.log("Forced into split brain situation!".to_string());
+        self.set_peer_disk(DiskState::Outdated);
     }
 
     /// `outdate`: the local data is marked Outdated (on a disconnected Secondary; the
