@@ -493,3 +493,54 @@ fn split_brain_recovered_by_policy_with_a_report_of_what_is_lost() {
         "alpha's change lost"
     );
 }
+
+/// More after-sb-0pri policies, each deciding the victim of a split brain between two
+/// Secondaries: (policy, blocks alpha changed, blocks bravo changed, victim). bravo was
+/// promoted after alpha, so it is the younger Primary.
+#[test]
+fn after_sb_0pri_policies_pick_the_victim() {
+    let cases = [
+        ("discard-zero-changes", 2, 0, 1),
+        ("discard-younger-primary", 1, 1, 1),
+        ("discard-older-primary", 1, 1, 0),
+        ("discard-least-changes", 3, 1, 1),
+    ];
+    for (k, (policy, a, b, victim)) in cases.into_iter().enumerate() {
+        let net: &'static str = Box::leak(format!("after-sb-0pri {policy};").into_boxed_str());
+        let mut p = pair_on(7900 + k as u16, net);
+        split_and_reconnect(&mut p, a, b, &[0, 1]);
+        p.wait_in_sync(Duration::from_secs(30));
+        assert!(
+            p.log(victim)
+                .contains("(this node's changes there are discarded)"),
+            "{policy}: node {victim} should lose:\n{}",
+            p.log(victim)
+        );
+        assert!(
+            !p.log(1 - victim)
+                .contains("(this node's changes there are discarded)"),
+            "{policy}"
+        );
+        assert!(p.data(0, 300 * 4096) == p.data(1, 300 * 4096), "{policy}");
+    }
+}
+
+/// after-sb-1pri consensus: the after-sb-0pri decision stands when its victim is the
+/// Secondary (here bravo, with the fewer changes, while alpha stays Primary).
+#[test]
+fn after_sb_1pri_consensus_follows_the_0pri_decision() {
+    let mut p = pair_on(
+        7910,
+        "after-sb-0pri discard-least-changes; after-sb-1pri consensus;",
+    );
+    split_and_reconnect(&mut p, 3, 1, &[1]);
+    p.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(p.role(0), "Primary/Secondary");
+    assert!(
+        p.log(1)
+            .contains("(this node's changes there are discarded)"),
+        "{}",
+        p.log(1)
+    );
+    assert!(p.data(0, 300 * 4096) == p.data(1, 300 * 4096));
+}
