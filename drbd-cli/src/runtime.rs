@@ -56,18 +56,8 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         always_asbp: m.flag("always-asbp"),
     };
     split_brain.validate().map_err(|e| e.to_string())?;
-    let verify_alg = match m.value("verify-alg") {
-        Some(v) if !v.is_empty() => {
-            Some(DigestAlg::from_name(&v).map_err(|e| format!("verify-alg: {e}"))?)
-        }
-        _ => None,
-    };
-    let csums_alg = match m.value("csums-alg") {
-        Some(v) if !v.is_empty() => {
-            Some(DigestAlg::from_name(&v).map_err(|e| format!("csums-alg: {e}"))?)
-        }
-        _ => None,
-    };
+    let verify_alg = digest_option(m, "verify-alg")?;
+    let csums_alg = digest_option(m, "csums-alg")?;
     let on_io_error = match m.value("on-io-error") {
         None => OnIoError::Detach,
         Some(v) => OnIoError::from_name(&v).ok_or_else(|| format!("on-io-error: unknown '{v}'"))?,
@@ -99,6 +89,13 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         fencing,
         rng_seed: 0,
     })
+}
+
+/// The digest algorithm a configuration option names (verify-alg, csums-alg,
+/// data-integrity-alg), None when it is not set.
+fn digest_option(m: &ResourceModel, name: &str) -> Result<Option<DigestAlg>, String> {
+    DigestAlg::from_optional_name(&m.value(name).unwrap_or_default())
+        .map_err(|e| format!("{name}: {e}"))
 }
 
 /// A socket address from a configuration address.
@@ -145,10 +142,9 @@ pub fn peer_config(m: &ResourceModel) -> Result<Option<PeerConfig>, String> {
         }
         _ => None,
     };
-    let integrity = m.value("data-integrity-alg").unwrap_or_default();
-    if !integrity.is_empty() {
-        DigestAlg::from_name(&integrity).map_err(|e| format!("data-integrity-alg: {e}"))?;
-    }
+    let integrity = digest_option(m, "data-integrity-alg")?
+        .map(|a| a.name().to_string())
+        .unwrap_or_default();
     let dev = device_config(m)?;
     let protocol = ProtocolParams {
         wire_protocol: match dev.protocol {

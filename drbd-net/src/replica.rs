@@ -757,13 +757,7 @@ impl Actor {
                     .run(&self.name, Handler::FencePeer.name(), Some(done));
                 let code = rx.await.unwrap_or(-1);
                 let now = self.now();
-                self.dev.handler_done(now, Handler::FencePeer, code);
-                let r = self.dev.admin(now, req);
-                if r == Err(AdminError::State(StateRefusal::PeerNotOutdated)) && force {
-                    self.dev.force_peer_outdated();
-                    return self.dev.admin(now, req);
-                }
-                r
+                self.dev.promote_after_fencing(now, code, force)
             }
             other => self.dev.admin(now, other),
         }

@@ -826,20 +826,8 @@ impl Lab {
 
     /// Stops our daemon with SIGTERM; returns its exit code.
     pub fn stop_daemon(&mut self) -> Option<i32> {
-        let mut c = self.daemon.take()?;
-        signal(&c, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("drbdd did not stop on SIGTERM:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let c = self.daemon.take()?;
+        crate::terminate(c, || self.log())
     }
 
     /// Runs our `drbdadm` (inside the namespace).

@@ -294,21 +294,8 @@ impl Pair {
 
     /// Stops node `i`'s daemon with SIGTERM and waits for it; returns its exit code.
     pub fn stop(&mut self, i: usize) -> Option<i32> {
-        let mut c = self.nodes[i].child.take()?;
-        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("pid");
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                let _ = c.wait();
-                panic!("drbdd did not stop on SIGTERM:\n{}", self.log(i));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let c = self.nodes[i].child.take()?;
+        terminate(c, || self.log(i))
     }
 
     /// The daemon log of node `i`.
@@ -408,6 +395,26 @@ impl Drop for Pair {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// Stops a daemon with SIGTERM and waits for it (20 s at most, then kills it and panics
+/// with its `log`); returns its exit code (None when a signal ended it).
+pub fn terminate(mut c: Child, log: impl Fn() -> String) -> Option<i32> {
+    if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("drbdd did not stop on SIGTERM:\n{}", log());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

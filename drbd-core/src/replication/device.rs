@@ -1974,14 +1974,21 @@ impl Device {
     /// The failed disk has no I/O in flight any more: the node is Diskless, served by its
     /// peer (which marks what this disk misses from now on).
     fn failed_disk_gone(&mut self) {
-        self.set_disk(DiskState::Diskless);
+        self.negotiating = None;
+        self.go_diskless("the local disk failed during a resync");
         if self.role == Role::Primary && self.peer_disk < DiskState::UpToDate {
             self.handler(Handler::PriOnInconDegr);
         }
+    }
+
+    /// The disk is gone (detached or failed): Diskless, and the peer is told; a resync
+    /// needs both disks, so one in progress starts over with a fresh handshake.
+    fn go_diskless(&mut self, resync_reason: &str) {
+        let resyncing = self.in_sync_state() || self.transitional();
+        self.set_disk(DiskState::Diskless);
         self.al = None;
-        self.negotiating = None;
-        if self.in_sync_state() || self.transitional() {
-            self.lose_connection("the local disk failed during a resync", true);
+        if resyncing {
+            self.lose_connection(resync_reason, true);
         } else {
             self.send_state();
         }
@@ -2564,6 +2571,24 @@ impl Device {
         }
     }
 
+    /// SyncTarget: the source answered the resync request at `sector` (`what`); it leaves the
+    /// requests in flight and counts for the controller. Returns its sectors.
+    fn resync_answered(&mut self, sector: u64, what: &str) -> Result<u64, ProtocolError> {
+        let known = self
+            .resync
+            .as_mut()
+            .and_then(|r| r.in_flight.remove(&sector).map(|n| (r, n)));
+        let Some((rs, n)) = known else {
+            return Err(ProtocolError(format!(
+                "{what} for sector {sector} that was not requested"
+            )));
+        };
+        rs.in_flight_sectors -= n;
+        rs.sect_in += n;
+        rs.last_step_sectors += n;
+        Ok(n)
+    }
+
     fn check_range(&self, sector: u64, size: u32, what: &str) -> Result<(), ProtocolError> {
         let ok = size.is_multiple_of(512)
             && size <= MAX_REQUEST_BYTES
@@ -2738,20 +2763,10 @@ impl Device {
             }
             PeerMsg::RsIsInSync(a) => {
                 self.check_range(a.sector, a.size, "P_RS_IS_IN_SYNC")?;
-                let known = self
-                    .resync
-                    .as_mut()
-                    .and_then(|r| r.in_flight.remove(&a.sector).map(|n| (r, n)));
-                let Some((rs, n)) = known else {
-                    return Err(ProtocolError(format!(
-                        "P_RS_IS_IN_SYNC for sector {} that was not requested",
-                        a.sector
-                    )));
-                };
-                rs.in_flight_sectors -= n;
-                rs.sect_in += n;
-                rs.last_step_sectors += n;
-                rs.same_csum += n;
+                let n = self.resync_answered(a.sector, "P_RS_IS_IN_SYNC")?;
+                if let Some(rs) = self.resync.as_mut() {
+                    rs.same_csum += n;
+                }
                 self.mark_in_sync(a.sector, n);
                 self.note_resync_progress();
                 self.maybe_finish_target();
@@ -2796,18 +2811,7 @@ impl Device {
             } => {
                 let size = u32::try_from(data.len()).unwrap_or(u32::MAX);
                 self.check_range(sector, size, "P_RS_DATA_REPLY")?;
-                let known = self
-                    .resync
-                    .as_mut()
-                    .and_then(|r| r.in_flight.remove(&sector).map(|n| (r, n)));
-                let Some((rs, n)) = known else {
-                    return Err(ProtocolError(format!(
-                        "P_RS_DATA_REPLY for sector {sector} that was not requested"
-                    )));
-                };
-                rs.in_flight_sectors -= n;
-                rs.sect_in += n;
-                rs.last_step_sectors += n;
+                let n = self.resync_answered(sector, "P_RS_DATA_REPLY")?;
                 self.received += n;
                 self.receive_write(
                     sector,
@@ -4507,11 +4511,23 @@ impl Device {
         self.log("fencing the peer before the promotion".to_string());
     }
 
-    /// `primary --force` after fencing failed: the peer is taken as Outdated (8.4's "Forced
-    /// into split brain situation!").
-    pub fn force_peer_outdated(&mut self) {
-        self.log("Forced into split brain situation!".to_string());
-        self.set_peer_disk(DiskState::Outdated);
+    /// The fence-peer handler started by [`Device::fence_for_promotion`] answered
+    /// `exit_code`: the promotion is asked again; still refused and `force` (`primary
+    /// --force`), the peer is taken as Outdated (8.4's "Forced into split brain situation!").
+    pub fn promote_after_fencing(
+        &mut self,
+        now: Duration,
+        exit_code: i32,
+        force: bool,
+    ) -> Result<(), AdminError> {
+        self.handler_done(now, Handler::FencePeer, exit_code);
+        let r = self.promote(force);
+        if r == Err(AdminError::State(StateRefusal::PeerNotOutdated)) && force {
+            self.log("Forced into split brain situation!".to_string());
+            self.set_peer_disk(DiskState::Outdated);
+            return self.promote(force);
+        }
+        r
     }
 
     /// `outdate`: the local data is marked Outdated (on a disconnected Secondary; the
@@ -4589,17 +4605,9 @@ impl Device {
         if self.role == Role::Primary && !peer_good {
             return Err(AdminError::State(StateRefusal::NoUpToDateDisk));
         }
-        let resyncing = self.in_sync_state() || self.transitional();
         self.persist_bitmap();
         self.persist_superblock(false);
-        self.set_disk(DiskState::Diskless);
-        self.al = None;
-        if resyncing {
-            // A resync needs both disks: start over with a fresh handshake.
-            self.lose_connection("detached during a resync", true);
-        } else {
-            self.send_state();
-        }
+        self.go_diskless("detached during a resync");
         Ok(())
     }
 
@@ -4668,13 +4676,13 @@ impl Device {
         &mut self,
         p: crate::replication::msg::SyncSettings,
     ) -> Result<(), ProtocolError> {
-        let verify_alg = match p.verify_alg.as_str() {
-            "" => None,
-            name => Some(
-                DigestAlg::from_name(name)
-                    .map_err(|e| ProtocolError(format!("P_SYNC_PARAM: verify-alg: {e}")))?,
-            ),
+        // Both names are checked before anything is adopted.
+        let alg = |name: &str, what: &str| {
+            DigestAlg::from_optional_name(name)
+                .map_err(|e| ProtocolError(format!("P_SYNC_PARAM: {what}: {e}")))
         };
+        let verify_alg = alg(&p.verify_alg, "verify-alg")?;
+        let csums_alg = alg(&p.csums_alg, "csums-alg")?;
         let r = &mut self.cfg.resync;
         r.rate_kib = p.rate_kib;
         if let Some([plan_ahead, delay_target, fill_target, max_rate]) = p.controller {
@@ -4684,13 +4692,7 @@ impl Device {
             r.c_max_rate = max_rate;
         }
         self.cfg.verify_alg = verify_alg;
-        self.cfg.csums_alg = match p.csums_alg.as_str() {
-            "" => None,
-            name => Some(
-                DigestAlg::from_name(name)
-                    .map_err(|e| ProtocolError(format!("P_SYNC_PARAM: csums-alg: {e}")))?,
-            ),
-        };
+        self.cfg.csums_alg = csums_alg;
         self.log(format!(
             "the peer changed the resync settings: resync-rate {} KiB/s{}{}",
             p.rate_kib,

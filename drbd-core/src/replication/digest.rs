@@ -34,6 +34,16 @@ impl DigestAlg {
         }
     }
 
+    /// The algorithm a configuration or packet names, None for an empty name (no
+    /// algorithm).
+    pub fn from_optional_name(name: &str) -> Result<Option<DigestAlg>, UnknownDigest> {
+        if name.is_empty() {
+            Ok(None)
+        } else {
+            DigestAlg::from_name(name).map(Some)
+        }
+    }
+
     /// The kernel crypto name.
     pub fn name(self) -> &'static str {
         match self {
