@@ -427,6 +427,10 @@ fn tshark_counts(tshark: &Path, file: &Path) -> BTreeMap<u16, usize> {
         .args([
             "--enable-heuristic",
             "drbd_tcp",
+            // DRBD's heuristic before port-registered dissectors: an ephemeral port
+            // such as 48049 (CBSP) must not claim a DRBD connection.
+            "-o",
+            "tcp.try_heuristic_first:TRUE",
             "-Y",
             "drbd",
             "-T",

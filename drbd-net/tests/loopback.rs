@@ -293,6 +293,10 @@ fn tshark_fields(file: &Path, filter: &str, field: &str) -> Vec<String> {
         .args([
             "--enable-heuristic",
             "drbd_tcp",
+            // DRBD's heuristic before port-registered dissectors: an ephemeral port
+            // such as 48049 (CBSP) must not claim a DRBD connection.
+            "-o",
+            "tcp.try_heuristic_first:TRUE",
             "-Y",
             filter,
             "-T",

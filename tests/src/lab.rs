@@ -1112,6 +1112,10 @@ pub fn check_capture(pcap: &Path) -> CaptureReport {
         c.arg("-r").arg(pcap).args([
             "--enable-heuristic",
             "drbd_tcp",
+            // DRBD's heuristic before port-registered dissectors: an ephemeral port
+            // such as 48049 (CBSP) must not claim a DRBD connection.
+            "-o",
+            "tcp.try_heuristic_first:TRUE",
             "-Y",
             filter,
             "-T",
@@ -1177,6 +1181,10 @@ pub fn check_capture(pcap: &Path) -> CaptureReport {
         let detail = run_cmd(Command::new("tshark").arg("-r").arg(pcap).args([
             "--enable-heuristic",
             "drbd_tcp",
+            // DRBD's heuristic before port-registered dissectors: an ephemeral port
+            // such as 48049 (CBSP) must not claim a DRBD connection.
+            "-o",
+            "tcp.try_heuristic_first:TRUE",
             "-V",
             "-Y",
             "_ws.malformed || _ws.expert.severity >= 6291456",
