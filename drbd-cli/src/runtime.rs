@@ -87,8 +87,17 @@ pub fn device_config(m: &ResourceModel) -> Result<DeviceConfig, String> {
         csums_after_crash_only: m.flag("csums-after-crash-only"),
         on_io_error,
         fencing,
+        before_resync_target: has_handler(m, "before-resync-target"),
+        before_resync_source: has_handler(m, "before-resync-source"),
         rng_seed: 0,
     })
+}
+
+/// Whether the resource configures handler `name` with a command.
+fn has_handler(m: &ResourceModel, name: &str) -> bool {
+    m.handlers
+        .iter()
+        .any(|o| o.name == name && o.value.as_deref().is_some_and(|v| !v.is_empty()))
 }
 
 /// The digest algorithm a configuration option names (verify-alg, csums-alg,

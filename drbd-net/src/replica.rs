@@ -48,7 +48,7 @@ use crate::transport::{Connection, HelloSource, PeerConfig, SessionEvent, Sessio
 use crate::wire::{ConnState as WireConn, Sizes};
 use drbd_core::replication::device::LocalHello;
 use drbd_core::replication::msg::PeerMsg;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// Commands queued to the actor at most; callers wait beyond that (back-pressure).
 const CMD_QUEUE: usize = 1024;
@@ -129,7 +129,13 @@ pub struct Replica {
     size_bytes: u64,
     engine: &'static str,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// NBD clients holding the device open (the actor reads it at each event).
+    openers: Arc<AtomicU32>,
 }
+
+/// How long a demotion refused because the device is open retries (for NBD clients that
+/// closed their connection but whose end the server has not seen yet).
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
 
 /// What attaching read from the backing device.
 struct Attached {
@@ -280,6 +286,7 @@ impl Replica {
         let (restart_tx, restart_rx) = mpsc::unbounded_channel();
         let (handler_tx, handler_rx) = mpsc::unbounded_channel();
         let size_bytes = sectors * 512;
+        let openers = Arc::new(AtomicU32::new(0));
         let mut actor = Actor {
             name: cfg.name.clone(),
             dev,
@@ -302,6 +309,8 @@ impl Replica {
             restart_rx: Some(restart_rx),
             handler_tx,
             handler_rx: Some(handler_rx),
+            openers: openers.clone(),
+            lingering: None,
             pending_detach: None,
             cfg: cfg.clone(),
             shutting_down: None,
@@ -324,6 +333,7 @@ impl Replica {
             size_bytes,
             engine: engine_name,
             task: Mutex::new(Some(task)),
+            openers,
         }))
     }
 
@@ -369,6 +379,20 @@ impl Replica {
 
     /// An administrative request.
     pub async fn admin(&self, req: AdminRequest) -> Result<(), AdminError> {
+        let give_up = Instant::now() + CLOSE_GRACE;
+        loop {
+            let r = self.admin_once(req).await;
+            // An NBD client that just disconnected is noticed by the server a moment later
+            // (a block device's close is synchronous): a demotion refused because the device
+            // is open waits a little for clients on their way out.
+            if r != Err(AdminError::State(StateRefusal::DeviceInUse)) || Instant::now() > give_up {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn admin_once(&self, req: AdminRequest) -> Result<(), AdminError> {
         let (reply, rx) = oneshot::channel();
         let gone = || AdminError::Other {
             exit_code: 10,
@@ -500,6 +524,15 @@ impl BlockDevice for Replica {
         true
     }
 
+    fn opened(&self) {
+        self.openers.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn closed(&self) {
+        let before = self.openers.fetch_sub(1, Ordering::Relaxed);
+        debug_assert!(before > 0, "closed without opened");
+    }
+
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BlockError>> {
         Box::pin(async move { Replica::read(self, offset, len).await.map_err(block_error) })
     }
@@ -607,7 +640,11 @@ struct Actor {
     /// Handlers whose exit code the device wants report here.
     handler_tx: mpsc::UnboundedSender<(Handler, i32)>,
     handler_rx: Option<mpsc::UnboundedReceiver<(Handler, i32)>>,
+    /// NBD clients holding the device open, counted by the [`Replica`].
+    openers: Arc<AtomicU32>,
     restart_rx: Option<mpsc::UnboundedReceiver<()>>,
+    /// A dropped connection whose sockets stay open for a moment (DISCONNECT_LINGER).
+    lingering: Option<tokio::task::JoinHandle<()>>,
     /// A `detach` waiting for the local I/O in flight.
     pending_detach: Option<oneshot::Sender<Result<(), AdminError>>>,
     /// The volume's configuration (re-read metadata on `attach`).
@@ -684,6 +721,7 @@ impl Actor {
 
     async fn command(&mut self, cmd: Cmd) {
         let now = self.now();
+        self.dev.set_openers(self.openers.load(Ordering::Relaxed));
         match cmd {
             Cmd::Io { sector, op, reply } => {
                 let id = self.next_req;
@@ -725,6 +763,10 @@ impl Actor {
                         message: "Failure: (125) Device has a net-config (use disconnect first)"
                             .to_string(),
                     });
+                }
+                if let Some(linger) = self.lingering.take() {
+                    // A connection dropped a moment ago still holds the listening address.
+                    let _ = linger.await;
                 }
                 self.dev.set_discard_my_data(discard_my_data);
                 self.start_session().await.map_err(|e| AdminError::Other {
@@ -844,6 +886,7 @@ impl Actor {
 
     async fn session_event(&mut self, ev: Option<SessionEvent>) {
         let now = self.now();
+        self.dev.set_openers(self.openers.load(Ordering::Relaxed));
         let Some(ev) = ev else {
             self.session = None;
             self.dev.disconnect(now);
@@ -923,19 +966,20 @@ impl Actor {
                         // network failure instead and retry for good). Then the transport
                         // ends the connection; with `retry` a new one starts.
                         let restart = self.restart_tx.clone();
-                        tokio::spawn(async move {
+                        self.lingering = Some(tokio::spawn(async move {
                             tokio::time::sleep(DISCONNECT_LINGER).await;
                             s.conn.disconnect().await;
                             if retry {
                                 let _ = restart.send(());
                             }
-                        });
+                        }));
                     }
                 }
                 Action::Log(line) => tracing::info!(resource = %self.name, "{line}"),
                 Action::Handler(h) => {
-                    // fence-peer's exit code decides what the device does next.
-                    let done: Option<Box<dyn FnOnce(i32) + Send>> = if h == Handler::FencePeer {
+                    // fence-peer's and the before-resync handlers' exit codes decide what the
+                    // device does next.
+                    let done: Option<Box<dyn FnOnce(i32) + Send>> = if self.dev.wants_exit_code(h) {
                         let tx = self.handler_tx.clone();
                         Some(Box::new(move |code| {
                             let _ = tx.send((h, code));

@@ -205,10 +205,10 @@ impl Pair {
         self.node_confs[i].as_deref().unwrap_or(&self.conf)
     }
 
-    /// Gives node `i` its own configuration: the shared one with `edit` applied (for
-    /// example a peer address that leads through a proxy).
+    /// Gives node `i` its own configuration: its current one (at first the shared one)
+    /// with `edit` applied (for example a peer address that leads through a proxy).
     pub fn set_node_conf(&mut self, i: usize, edit: impl Fn(&str) -> String) {
-        let text = std::fs::read_to_string(&self.conf).expect("config");
+        let text = std::fs::read_to_string(self.conf_of(i)).expect("config");
         let path = self.dir.path().join(format!("{}.conf", self.nodes[i].name));
         std::fs::write(&path, edit(&text)).expect("node config");
         self.node_confs[i] = Some(path);
@@ -376,6 +376,91 @@ impl Pair {
             .find_map(|w| w.strip_prefix(&key))
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| panic!("no {name} in status:\n{out}"))
+    }
+
+    /// A pair on loopback port `port` (alpha 127.0.0.1, bravo 127.0.0.2) with `net_extra`
+    /// in the `net { }` section.
+    pub fn on_port(port: u16, net_extra: &str) -> Pair {
+        let a = format!("127.0.0.1:{port}");
+        let b = format!("127.0.0.2:{port}");
+        Pair::new(PairSpec {
+            addresses: [&a, &b],
+            net_extra,
+            ..PairSpec::default()
+        })
+    }
+
+    /// Splits the pair: disconnected, bravo promoted too; alpha writes `alpha_blocks` blocks
+    /// (from 100), bravo `bravo_blocks` (from 200); `secondaries` lists who demotes again;
+    /// then both connect.
+    pub fn split_and_reconnect(
+        &mut self,
+        alpha_blocks: u64,
+        bravo_blocks: u64,
+        secondaries: &[usize],
+    ) {
+        self.up_and_sync();
+        for i in [1, 0] {
+            self.adm_ok(i, &["disconnect", "r0"]);
+        }
+        self.adm_ok(1, &["primary", "r0"]);
+        for (i, base, n) in [(0usize, 100u64, alpha_blocks), (1, 200, bravo_blocks)] {
+            let mut c = NbdClient::connect(&self.nbd_socket(i), "r0").expect("connect");
+            for b in base..base + n {
+                c.write(4096 * b, &stamped_block(b, 10 + i as u64))
+                    .expect("write");
+            }
+            c.flush().expect("flush");
+        }
+        for &i in secondaries {
+            self.adm_ok(i, &["secondary", "r0"]);
+        }
+        for i in 0..2 {
+            self.adm_ok(i, &["connect", "r0"]);
+        }
+    }
+
+    /// The shell command line of `drbdadm ARGS` for node `i` (for handler scripts).
+    pub fn adm_command(&self, i: usize, args: &[&str]) -> String {
+        let n = &self.nodes[i];
+        format!(
+            "{} -c {} --node {} --state-dir {} {}",
+            self.bin.join("drbdadm").display(),
+            self.conf_of(i).display(),
+            n.name,
+            n.state_dir.display(),
+            args.join(" ")
+        )
+    }
+
+    /// Gives node `i` a `handlers { }` section: each handler runs `/bin/sh SCRIPT`, the
+    /// script file `<dir>/<node>-<handler>.sh` holding `body` (rewrite it with
+    /// [`Pair::handler_script`] to change what the handler does).
+    pub fn set_handlers(&mut self, i: usize, handlers: &[(&str, &str)]) {
+        let mut section = String::from("    handlers {\n");
+        for (name, body) in handlers {
+            let path = self.handler_script(i, name, body);
+            section.push_str(&format!("        {name} \"/bin/sh {}\";\n", path.display()));
+        }
+        section.push_str("    }\n");
+        self.set_node_conf(i, |c| {
+            c.replacen("resource r0 {\n", &format!("resource r0 {{\n{section}"), 1)
+        });
+    }
+
+    /// (Re)writes the script of handler `name` on node `i`; returns its path.
+    pub fn handler_script(&self, i: usize, name: &str, body: &str) -> PathBuf {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{}-{name}.sh", self.nodes[i].name));
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("handler script");
+        path
+    }
+
+    /// A file in the pair's directory (for handlers to leave traces in).
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
     }
 
     /// The first `len` bytes of node `i`'s backing file (the data area starts at 0).

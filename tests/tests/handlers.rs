@@ -83,3 +83,69 @@ fn handlers_run_with_drbds_environment_and_never_wedge_the_daemon() {
         );
     }
 }
+
+/// before-resync-target runs before the SyncTarget overwrites anything and the resync waits
+/// for it (it sees WFSyncUUID, and drbdadm keeps answering meanwhile); a non-zero exit drops
+/// the connection with the data left as it was. The SyncSource, fencing, runs unfence-peer
+/// once both disks are UpToDate again.
+#[test]
+fn a_resync_waits_for_before_resync_target_whose_failure_drops_the_connection() {
+    let mut p = Pair::new(PairSpec {
+        addresses: ["127.0.0.1:7936", "127.0.0.2:7936"],
+        size_mib: 8,
+        ..PairSpec::default()
+    });
+    let cstate = p.adm_command(1, &["cstate", "r0"]);
+    let seen = p.file("seen-by-before-resync-target");
+    let before = format!("{cstate} > {}; sleep 1; exit 0", seen.display());
+    let after = format!("echo done > {}", p.file("after-resync-target").display());
+    p.set_handlers(
+        1,
+        &[
+            ("before-resync-target", &before),
+            ("after-resync-target", &after),
+        ],
+    );
+    let unfence = format!("echo \"$DRBD_PEER\" >> {}", p.file("unfence").display());
+    p.set_handlers(0, &[("unfence-peer", &unfence)]);
+    p.set_node_conf(0, |c| {
+        c.replacen(
+            "c-plan-ahead 0;",
+            "c-plan-ahead 0; fencing resource-only;",
+            1,
+        )
+    });
+    p.up_and_sync();
+    let read = |name: &str| std::fs::read_to_string(p.file(name)).unwrap_or_default();
+    assert_eq!(read("seen-by-before-resync-target").trim(), "WFSyncUUID");
+    assert_eq!(read("unfence").trim(), "bravo");
+
+    let write = |p: &Pair, block: u64, generation: u64| {
+        let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
+        c.write(block * 4096, &stamped_block(block, generation))
+            .expect("write");
+        c.flush().expect("flush");
+    };
+    // bravo fails its before-resync-target: no resync, StandAlone, its data untouched.
+    p.handler_script(1, "before-resync-target", "exit 1");
+    p.adm_ok(1, &["disconnect", "r0"]);
+    write(&p, 40, 1);
+    p.adm_ok(1, &["connect", "r0"]);
+    p.wait_until("bravo StandAlone", Duration::from_secs(30), |p| {
+        p.cstate(1) == "StandAlone"
+    });
+    let log = p.log(1);
+    assert!(
+        log.contains("before-resync-target handler returned 1, dropping connection"),
+        "{log}"
+    );
+    assert_ne!(p.data(1, 41 * 4096)[40 * 4096..], stamped_block(40, 1)[..]);
+    assert_eq!(p.dstate(1), "UpToDate/DUnknown");
+
+    // Once it agrees, the resync runs.
+    p.handler_script(1, "before-resync-target", "exit 0");
+    p.adm_ok(1, &["connect", "r0"]);
+    p.wait_in_sync(Duration::from_secs(30));
+    assert_eq!(p.data(1, 41 * 4096)[40 * 4096..], stamped_block(40, 1)[..]);
+    assert_eq!(read("unfence").lines().count(), 2, "{}", read("unfence"));
+}

@@ -210,21 +210,11 @@ fn sigterm_shuts_down_cleanly_and_a_restart_needs_no_resync() {
     }
 }
 
-fn pair_on(port: u16, net_extra: &'static str) -> Pair {
-    let a: &'static str = Box::leak(format!("127.0.0.1:{port}").into_boxed_str());
-    let b: &'static str = Box::leak(format!("127.0.0.2:{port}").into_boxed_str());
-    Pair::new(PairSpec {
-        addresses: [a, b],
-        net_extra,
-        ..PairSpec::default()
-    })
-}
-
 #[test]
 fn protocols_a_and_b_replicate_too() {
     for (port, proto) in [(7813u16, "A"), (7814, "B")] {
         let extra: &'static str = Box::leak(format!("protocol {proto};").into_boxed_str());
-        let mut p = pair_on(port, extra);
+        let mut p = Pair::on_port(port, extra);
         p.up_and_sync();
         let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
         for b in 0..500u64 {
@@ -249,7 +239,7 @@ fn protocols_a_and_b_replicate_too() {
 
 #[test]
 fn new_current_uuid_clear_bitmap_skips_the_initial_sync() {
-    let mut p = pair_on(7815, "");
+    let mut p = Pair::on_port(7815, "");
     for i in 0..2 {
         p.start(i);
         p.adm_ok(i, &["up", "r0"]);
@@ -273,7 +263,7 @@ fn new_current_uuid_clear_bitmap_skips_the_initial_sync() {
 
 #[test]
 fn invalidate_and_invalidate_remote_resync_the_whole_device() {
-    let mut p = pair_on(7816, "");
+    let mut p = Pair::on_port(7816, "");
     p.up_and_sync();
     let size = size_of_export(&p);
     let device_kib = size.div_ceil(4096) * 4;
@@ -303,7 +293,7 @@ fn invalidate_and_invalidate_remote_resync_the_whole_device() {
 
 #[test]
 fn split_brain_leaves_both_standalone() {
-    let mut p = pair_on(7817, "");
+    let mut p = Pair::on_port(7817, "");
     p.up_and_sync();
     p.adm_ok(1, &["disconnect", "r0"]);
     p.adm_ok(0, &["disconnect", "r0"]);
@@ -335,7 +325,7 @@ fn split_brain_leaves_both_standalone() {
 
 #[test]
 fn detach_and_attach_at_run_time() {
-    let mut p = pair_on(7818, "");
+    let mut p = Pair::on_port(7818, "");
     p.up_and_sync();
     let size = size_of_export(&p);
     // The Secondary detaches: the Primary goes on, marking what the peer misses.
@@ -393,7 +383,7 @@ fn nbd_export_on_tcp_when_configured() {
     if skip_unless(have("qemu-io"), "qemu-io (qemu-utils) not installed") {
         return;
     }
-    let mut p = pair_on(7819, "");
+    let mut p = Pair::on_port(7819, "");
     p.start_with(0, &["--nbd-tcp", "127.0.0.1:10819"]);
     p.start(1);
     for i in 0..2 {
@@ -424,38 +414,13 @@ fn nbd_export_on_tcp_when_configured() {
         .all(|&x| x == 0x3c));
 }
 
-/// Splits the pair: disconnected, bravo promoted too; alpha writes `alpha_blocks` blocks
-/// (from 100), bravo `bravo_blocks` (from 200); `secondaries` lists who demotes again; then
-/// both connect.
-fn split_and_reconnect(p: &mut Pair, alpha_blocks: u64, bravo_blocks: u64, secondaries: &[usize]) {
-    p.up_and_sync();
-    for i in [1, 0] {
-        p.adm_ok(i, &["disconnect", "r0"]);
-    }
-    p.adm_ok(1, &["primary", "r0"]);
-    for (i, base, n) in [(0usize, 100u64, alpha_blocks), (1, 200, bravo_blocks)] {
-        let mut c = NbdClient::connect(&p.nbd_socket(i), "r0").expect("connect");
-        for b in base..base + n {
-            c.write(4096 * b, &stamped_block(b, 10 + i as u64))
-                .expect("write");
-        }
-        c.flush().expect("flush");
-    }
-    for &i in secondaries {
-        p.adm_ok(i, &["secondary", "r0"]);
-    }
-    for i in 0..2 {
-        p.adm_ok(i, &["connect", "r0"]);
-    }
-}
-
 /// Automatic split-brain recovery by after-sb policies, with the report of the diverged
 /// regions on both nodes before the victim's changes are overwritten.
 #[test]
 fn split_brain_recovered_by_policy_with_a_report_of_what_is_lost() {
     // After-sb-0pri discard-least-changes: alpha changed 1 block, bravo 3: alpha loses.
-    let mut p = pair_on(7890, "after-sb-0pri discard-least-changes;");
-    split_and_reconnect(&mut p, 1, 3, &[0, 1]);
+    let mut p = Pair::on_port(7890, "after-sb-0pri discard-least-changes;");
+    p.split_and_reconnect(1, 3, &[0, 1]);
     p.wait_in_sync(Duration::from_secs(30));
     let alpha = p.log(0);
     assert!(
@@ -476,8 +441,8 @@ fn split_brain_recovered_by_policy_with_a_report_of_what_is_lost() {
     );
 
     // After-sb-1pri discard-secondary: alpha stays Primary and wins over bravo.
-    let mut p = pair_on(7891, "after-sb-1pri discard-secondary;");
-    split_and_reconnect(&mut p, 2, 1, &[1]);
+    let mut p = Pair::on_port(7891, "after-sb-1pri discard-secondary;");
+    p.split_and_reconnect(2, 1, &[1]);
     p.wait_in_sync(Duration::from_secs(30));
     assert_eq!(p.role(0), "Primary/Secondary");
     assert!(
@@ -507,8 +472,8 @@ fn after_sb_0pri_policies_pick_the_victim() {
     ];
     for (k, (policy, a, b, victim)) in cases.into_iter().enumerate() {
         let net: &'static str = Box::leak(format!("after-sb-0pri {policy};").into_boxed_str());
-        let mut p = pair_on(7900 + k as u16, net);
-        split_and_reconnect(&mut p, a, b, &[0, 1]);
+        let mut p = Pair::on_port(7900 + k as u16, net);
+        p.split_and_reconnect(a, b, &[0, 1]);
         p.wait_in_sync(Duration::from_secs(30));
         assert!(
             p.log(victim)
@@ -529,11 +494,11 @@ fn after_sb_0pri_policies_pick_the_victim() {
 /// Secondary (here bravo, with the fewer changes, while alpha stays Primary).
 #[test]
 fn after_sb_1pri_consensus_follows_the_0pri_decision() {
-    let mut p = pair_on(
+    let mut p = Pair::on_port(
         7910,
         "after-sb-0pri discard-least-changes; after-sb-1pri consensus;",
     );
-    split_and_reconnect(&mut p, 3, 1, &[1]);
+    p.split_and_reconnect(3, 1, &[1]);
     p.wait_in_sync(Duration::from_secs(30));
     assert_eq!(p.role(0), "Primary/Secondary");
     assert!(

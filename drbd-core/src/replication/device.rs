@@ -216,6 +216,12 @@ pub struct DeviceConfig {
     pub on_io_error: OnIoError,
     /// `fencing`: what a Primary does when it loses its peer.
     pub fencing: Fencing,
+    /// A before-resync-target handler is configured: a SyncTarget starts only after it
+    /// exits 0 (any other exit drops the connection).
+    pub before_resync_target: bool,
+    /// A before-resync-source handler is configured: a SyncSource starts only after it exits
+    /// 0 or 3.
+    pub before_resync_source: bool,
     /// Seed of the generator for new UUIDs.
     pub rng_seed: u64,
 }
@@ -235,9 +241,21 @@ impl Default for DeviceConfig {
             csums_after_crash_only: false,
             on_io_error: OnIoError::Detach,
             fencing: Fencing::DontCare,
+            before_resync_target: false,
+            before_resync_source: false,
             rng_seed: 0x5eed,
         }
     }
+}
+
+/// A resync waiting for its before-resync handler.
+#[derive(Debug, Clone, Copy)]
+struct ResyncHandlerWait {
+    handler: Handler,
+    /// The connection the resync belongs to.
+    conn_gen: u64,
+    /// SyncSource: the new bitmap UUID to send once the handler agreed.
+    sync_uuid: u64,
 }
 
 /// What the backing device's metadata held when it was attached.
@@ -339,6 +357,8 @@ pub enum Action {
 pub enum Handler {
     PriOnInconDegr,
     PriLostAfterSb,
+    /// `rr-conflict call-pri-lost`: this Primary would have become SyncTarget.
+    PriLost,
     LocalIoError,
     InitialSplitBrain,
     SplitBrain,
@@ -347,6 +367,9 @@ pub enum Handler {
     AfterResyncTarget,
     OutOfSync,
     FencePeer,
+    /// The SyncSource finished a resync with fencing configured: both disks UpToDate, the
+    /// peer's fence (a cluster constraint) can be lifted.
+    UnfencePeer,
 }
 
 impl Handler {
@@ -355,6 +378,7 @@ impl Handler {
         match self {
             Handler::PriOnInconDegr => "pri-on-incon-degr",
             Handler::PriLostAfterSb => "pri-lost-after-sb",
+            Handler::PriLost => "pri-lost",
             Handler::LocalIoError => "local-io-error",
             Handler::InitialSplitBrain => "initial-split-brain",
             Handler::SplitBrain => "split-brain",
@@ -363,6 +387,18 @@ impl Handler {
             Handler::AfterResyncTarget => "after-resync-target",
             Handler::OutOfSync => "out-of-sync",
             Handler::FencePeer => "fence-peer",
+            Handler::UnfencePeer => "unfence-peer",
+        }
+    }
+}
+
+impl From<uuid::Handler> for Handler {
+    fn from(h: uuid::Handler) -> Handler {
+        match h {
+            uuid::Handler::InitialSplitBrain => Handler::InitialSplitBrain,
+            uuid::Handler::PriLostAfterSb => Handler::PriLostAfterSb,
+            uuid::Handler::SplitBrain => Handler::SplitBrain,
+            uuid::Handler::PriLost => Handler::PriLost,
         }
     }
 }
@@ -815,6 +851,12 @@ pub struct Device {
     fencing_pending: bool,
     /// Application I/O is frozen (resource-and-stonith, until fence-peer's answer).
     frozen: bool,
+    /// Clients holding the device open (NBD connections): a Primary held open is not
+    /// demoted, by `secondary` or by `call-pri-lost-after-sb`.
+    openers: u32,
+    /// before-resync-target / before-resync-source runs and the resync waits for its exit
+    /// code (8.4 runs it synchronously before the resync starts).
+    resync_handler: Option<ResyncHandlerWait>,
     /// A cluster-wide state change asked of the peer (`P_STATE_CHG_REQ`), waiting for its
     /// answer.
     state_request: Option<StateRequest>,
@@ -979,6 +1021,8 @@ impl Device {
             sb_report: false,
             fencing_pending: false,
             frozen: false,
+            openers: 0,
+            resync_handler: None,
             actions: VecDeque::new(),
             written: 0,
             read: 0,
@@ -2270,7 +2314,8 @@ impl Device {
             pending_disk: self.negotiating,
             peer_disk: self.peer_disk,
             policy: self.cfg.split_brain,
-            can_demote: false,
+            // `call-pri-lost-after-sb` demotes the losing Primary unless its device is open.
+            can_demote: self.openers == 0,
             dry_run: false,
         };
         let d = uuid::decide(&input);
@@ -2288,7 +2333,16 @@ impl Device {
         }
         if d.split_brain.is_some() {
             self.log("Split-Brain detected".to_string());
-            self.handler(Handler::InitialSplitBrain);
+        }
+        if d.demote {
+            // The policy chose this Primary's data to be discarded and nobody has the device
+            // open: it gives up its role before becoming SyncTarget.
+            self.become_secondary();
+            self.log("Successfully gave up primary role.".to_string());
+        }
+        // initial-split-brain, pri-lost-after-sb, split-brain, pri-lost, in DRBD's order.
+        for h in d.handlers.iter().copied() {
+            self.handler(h.into());
         }
         match d.outcome {
             HandshakeOutcome::Proceed(plan) => {
@@ -2303,7 +2357,6 @@ impl Device {
                 let why = match reason {
                     uuid::DisconnectReason::UnrelatedData => "unrelated data, aborting".to_string(),
                     uuid::DisconnectReason::SplitBrain => {
-                        self.handler(Handler::SplitBrain);
                         "Split-Brain detected but unresolved, dropping connection".to_string()
                     }
                     uuid::DisconnectReason::InconsistentSyncSource => {
@@ -2369,6 +2422,15 @@ impl Device {
         }
     }
 
+    /// Primary -> Secondary (the caller tells the peer).
+    fn become_secondary(&mut self) {
+        debug_assert_eq!(self.role, Role::Primary);
+        self.role = Role::Secondary;
+        self.log("role( Primary -> Secondary )".to_string());
+        self.uuids.demote();
+        self.persist_superblock(false);
+    }
+
     /// Drops the connection from our side.
     fn lose_connection(&mut self, reason: &str, retry: bool) {
         self.actions.push_back(Action::Disconnect {
@@ -2387,6 +2449,7 @@ impl Device {
 
     fn teardown(&mut self) {
         self.connected = false;
+        self.resync_handler = None;
         // A Primary that loses a peer that may hold good data fences it (8.4
         // `conn_try_outdate_peer`): the fence-peer handler outdates or shoots it.
         let peer_may_be_good = self.peer_disk >= DiskState::DUnknown;
@@ -2868,30 +2931,18 @@ impl Device {
                 }
                 let role = self.role;
                 self.uuids.adopt_sync_uuid(u, role);
-                self.set_disk(DiskState::Inconsistent);
-                self.set_peer_disk(DiskState::UpToDate);
-                self.set_conn(ConnState::SyncTarget);
-                self.persist_superblock(false);
-                let total = self.bitmap.count();
-                let mut rs = ResyncState::new(total);
-                rs.paused_peer = self.peer_user_isp;
-                rs.marks.push_back((self.now, total));
-                // 8.4 `use_checksum_based_resync`.
-                rs.use_csums = self.cfg.csums_alg.is_some()
-                    && self.protocol_version >= 89
-                    && (!self.cfg.csums_after_crash_only
-                        || self.md_flags & MDF_CRASHED_PRIMARY != 0);
-                let csums = rs.use_csums;
-                self.resync = Some(rs);
+                if self.cfg.before_resync_target {
+                    self.persist_superblock(false);
+                    self.resync_handler = Some(ResyncHandlerWait {
+                        handler: Handler::BeforeResyncTarget,
+                        conn_gen: self.conn_gen,
+                        sync_uuid: u,
+                    });
+                    self.handler(Handler::BeforeResyncTarget);
+                    return Ok(());
+                }
                 self.handler(Handler::BeforeResyncTarget);
-                self.log(format!(
-                    "resync started as SyncTarget: {} KiB{}",
-                    total * 4,
-                    if csums { ", checksum based" } else { "" }
-                ));
-                self.send_state();
-                self.maybe_finish_target();
-                self.retry_waiting();
+                self.start_sync_target();
                 Ok(())
             }
             PeerMsg::State(s) => self.peer_state(s),
@@ -3153,7 +3204,83 @@ impl Device {
             self.sync_uuid_deferred = Some((u, conn_gen));
             return;
         }
+        if self.cfg.before_resync_source {
+            self.resync_handler = Some(ResyncHandlerWait {
+                handler: Handler::BeforeResyncSource,
+                conn_gen,
+                sync_uuid: u,
+            });
+            self.handler(Handler::BeforeResyncSource);
+            return;
+        }
         self.handler(Handler::BeforeResyncSource);
+        self.start_sync_source(u);
+    }
+
+    /// The sync UUID is adopted: the resync starts as SyncTarget.
+    fn start_sync_target(&mut self) {
+        self.set_disk(DiskState::Inconsistent);
+        self.set_peer_disk(DiskState::UpToDate);
+        self.set_conn(ConnState::SyncTarget);
+        self.persist_superblock(false);
+        let total = self.bitmap.count();
+        let mut rs = ResyncState::new(total);
+        rs.paused_peer = self.peer_user_isp;
+        rs.marks.push_back((self.now, total));
+        // 8.4 `use_checksum_based_resync`.
+        rs.use_csums = self.cfg.csums_alg.is_some()
+            && self.protocol_version >= 89
+            && (!self.cfg.csums_after_crash_only || self.md_flags & MDF_CRASHED_PRIMARY != 0);
+        let csums = rs.use_csums;
+        self.resync = Some(rs);
+        self.log(format!(
+            "resync started as SyncTarget: {} KiB{}",
+            total * 4,
+            if csums { ", checksum based" } else { "" }
+        ));
+        self.send_state();
+        self.maybe_finish_target();
+        self.retry_waiting();
+    }
+
+    /// A before-resync handler the resync waits for answered `exit_code` (8.4's
+    /// `drbd_start_resync`): 0 starts the resync, anything else drops the connection (3 from
+    /// before-resync-source is taken as 0, as old tools returned it).
+    fn resync_handler_done(&mut self, h: Handler, exit_code: i32) {
+        let Some(w) = self.resync_handler else { return };
+        if w.handler != h {
+            return;
+        }
+        self.resync_handler = None;
+        let waiting = match h {
+            Handler::BeforeResyncTarget => self.conn == ConnState::WfSyncUuid,
+            _ => matches!(self.conn, ConnState::WfBitMapS | ConnState::StartingSyncS),
+        };
+        if w.conn_gen != self.conn_gen || !self.connected || !waiting {
+            return;
+        }
+        let agreed = exit_code == 0 || (h == Handler::BeforeResyncSource && exit_code == 3);
+        if !agreed {
+            self.lose_connection(
+                &format!(
+                    "{} handler returned {exit_code}, dropping connection",
+                    h.name()
+                ),
+                false,
+            );
+            return;
+        }
+        if h == Handler::BeforeResyncSource && exit_code == 3 {
+            self.log("before-resync-source handler returned 3, ignoring. Old userland tools?");
+        }
+        match h {
+            Handler::BeforeResyncTarget => self.start_sync_target(),
+            _ => self.start_sync_source(w.sync_uuid),
+        }
+    }
+
+    /// Sends the new bitmap UUID and starts the resync as SyncSource.
+    fn start_sync_source(&mut self, u: u64) {
         self.send(PeerMsg::SyncUuid(u));
         self.set_conn(ConnState::SyncSource);
         self.set_peer_disk(DiskState::Inconsistent);
@@ -3914,6 +4041,10 @@ impl Device {
             self.set_peer_disk(DiskState::UpToDate);
             self.md_flags &= !MDF_CRASHED_PRIMARY;
             self.log("resync done (SyncSource)".to_string());
+            if self.cfg.fencing != Fencing::DontCare && self.disk == DiskState::UpToDate {
+                // Both UpToDate again: the peer's fence can go (8.4 `drbd_resync_finished`).
+                self.handler(Handler::UnfencePeer);
+            }
         } else {
             self.log("resync ended with failed blocks on the target".to_string());
         }
@@ -4225,10 +4356,11 @@ impl Device {
                 if self.role == Role::Secondary {
                     return Ok(());
                 }
-                self.role = Role::Secondary;
-                self.log("role( Primary -> Secondary )".to_string());
-                self.uuids.demote();
-                self.persist_superblock(false);
+                if self.openers > 0 {
+                    // As 8.4: a device someone holds open stays Primary.
+                    return Err(AdminError::State(StateRefusal::DeviceInUse));
+                }
+                self.become_secondary();
                 self.send_state();
                 Ok(())
             }
@@ -4439,10 +4571,31 @@ impl Device {
         Ok(())
     }
 
+    /// Whether the device waits for handler `h`'s exit code: the runtime reports it with
+    /// [`Device::handler_done`] (also when no command is configured or it could not run).
+    pub fn wants_exit_code(&self, h: Handler) -> bool {
+        match h {
+            Handler::FencePeer => self.fencing_pending,
+            Handler::BeforeResyncTarget | Handler::BeforeResyncSource => {
+                self.resync_handler.is_some_and(|w| w.handler == h)
+            }
+            _ => false,
+        }
+    }
+
+    /// How many clients hold the device open (the runtime keeps this current).
+    pub fn set_openers(&mut self, openers: u32) {
+        self.openers = openers;
+    }
+
     /// A handler whose answer is wanted finished with `exit_code` (`fence-peer`: 8.4's
-    /// contract, exit codes 3 to 7).
+    /// contract, exit codes 3 to 7; before-resync-target/-source: 0 lets the resync start).
     pub fn handler_done(&mut self, now: Duration, h: Handler, exit_code: i32) {
         self.now = now;
+        if matches!(h, Handler::BeforeResyncTarget | Handler::BeforeResyncSource) {
+            self.resync_handler_done(h, exit_code);
+            return;
+        }
         if h != Handler::FencePeer || !std::mem::take(&mut self.fencing_pending) {
             return;
         }

@@ -81,6 +81,13 @@ pub trait BlockDevice: Send + Sync + 'static {
         false
     }
 
+    /// A client selected this device and holds it open until [`closed`](Self::closed)
+    /// (a replicated device stays Primary while held open, as a block device does).
+    fn opened(&self) {}
+
+    /// A client that [`opened`](Self::opened) the device disconnected.
+    fn closed(&self) {}
+
     /// Read `len` bytes at `offset`; the result must be exactly `len` bytes long.
     fn read(&self, offset: u64, len: u32) -> BoxFuture<'_, Result<Bytes, BlockError>>;
 

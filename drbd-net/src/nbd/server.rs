@@ -668,6 +668,8 @@ async fn run_connection(
         }
     };
     stops.export = Some(export_stop);
+    // The client holds the device open until the connection ends, however it ends.
+    let _open = OpenGuard::new(device.clone());
     info!(
         export = %negotiated.export,
         size = negotiated.size,
@@ -682,6 +684,23 @@ async fn run_connection(
             drain_stops.stopped().await;
             sleep(DRAIN_TIMEOUT).await;
         } => Err(ConnectionError::DrainTimeout(DRAIN_TIMEOUT)),
+    }
+}
+
+/// Counts a connection in transmission as an opener of its device
+/// ([`BlockDevice::opened`] / [`BlockDevice::closed`]).
+struct OpenGuard(Arc<dyn BlockDevice>);
+
+impl OpenGuard {
+    fn new(device: Arc<dyn BlockDevice>) -> OpenGuard {
+        device.opened();
+        OpenGuard(device)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.closed();
     }
 }
 
