@@ -190,6 +190,7 @@ COMMANDS (carried out by drbdd; RESOURCE may be RES/VNR where a volume makes sen
   verify                start an online verify (net { verify-alg })
   outdate               mark the local data Outdated (fence-peer handlers)
   pause-sync / resume-sync
+  suspend-io / resume-io  suspend application I/O / resume it (also after fencing froze it)
 ";
 
 /// Runs drbdadm with `argv` (without the program name); returns the exit code.

@@ -387,6 +387,8 @@ fn setup_lines(cmd: DaemonCommand, t: &Target, args: &Args) -> Vec<String> {
         | Command::Outdate
         | Command::PauseSync
         | Command::ResumeSync
+        | Command::SuspendIo
+        | Command::ResumeIo
         | Command::Role
         | Command::Cstate
         | Command::Dstate => per_minor(c.name(), ""),

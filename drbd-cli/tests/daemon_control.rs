@@ -80,6 +80,7 @@ fn volume(vnr: u32, minor: u32) -> VolumeStatus {
         sent_kib: 0,
         received_kib: 0,
         standalone_reason: None,
+        suspended: Default::default(),
     }
 }
 
@@ -136,7 +137,9 @@ impl Replica for FakeReplica {
                 | AdminRequest::Outdate
                 | AdminRequest::NewCurrentUuid { .. }
                 | AdminRequest::PauseSync
-                | AdminRequest::ResumeSync => {}
+                | AdminRequest::ResumeSync
+                | AdminRequest::SuspendIo
+                | AdminRequest::ResumeIo => {}
             }
             Ok(())
         })
@@ -392,7 +395,8 @@ fn up_role_cstate_dstate_status_and_down() {
             remaining_blocks: 151_257,
             rate_kib_s: 40_960,
             eta_s: 14,
-            paused: false,
+            paused_user: false,
+            paused_peer: false,
         });
     });
     assert_eq!(ok(&h.adm(&["cstate", "r0"])), "SyncSource\n");
@@ -408,7 +412,7 @@ fn up_role_cstate_dstate_status_and_down() {
     r.set(|v| {
         v.conn = ConnState::PausedSyncS;
         if let Some(p) = v.resync.as_mut() {
-            p.paused = true;
+            p.paused_user = true;
         }
     });
     assert_eq!(
@@ -417,7 +421,7 @@ fn up_role_cstate_dstate_status_and_down() {
     );
     assert_eq!(
         ok(&h.adm(&["status", "--verbose", "r0"])),
-        "r0 role:Primary\n  volume:0 minor:0 disk:UpToDate\n  bravo connection:Connected role:Secondary\n    volume:0 replication:PausedSyncS peer-disk:Inconsistent done:42.30 resync-suspended:user\n\n"
+        "r0 role:Primary suspended:no\n  volume:0 minor:0 disk:UpToDate\n  bravo connection:Connected role:Secondary\n    volume:0 replication:PausedSyncS peer-disk:Inconsistent done:42.30 resync-suspended:user\n\n"
     );
 
     // The requests reached the replica with their options.
@@ -431,6 +435,8 @@ fn up_role_cstate_dstate_status_and_down() {
         "invalidate",
         "pause-sync",
         "resume-sync",
+        "suspend-io",
+        "resume-io",
     ] {
         ok(&h.adm(&[c, "r0"]));
     }
@@ -454,6 +460,8 @@ fn up_role_cstate_dstate_status_and_down() {
             AdminRequest::Invalidate,
             AdminRequest::PauseSync,
             AdminRequest::ResumeSync,
+            AdminRequest::SuspendIo,
+            AdminRequest::ResumeIo,
         ]
     );
 

@@ -99,6 +99,35 @@ fn a_broken_fence_peer_keeps_io_frozen_until_the_peer_is_back() {
     assert!(p.data(0, 4 * 4096) == p.data(1, 4 * 4096));
 }
 
+/// The operator ends the freeze by hand: `resume-io` lets the waiting write complete on the
+/// local disk; `status` shows `suspended:fencing` until then.
+#[test]
+fn resume_io_ends_a_freeze_left_by_a_broken_fence_peer() {
+    let mut p = fencing_pair(7899, "exit 1", 0);
+    p.up_and_sync();
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("fence-peer answered", Duration::from_secs(20), |p| {
+        p.log(0).contains("fence-peer helper broken, returned 1")
+    });
+    let status = p.adm_ok(0, &["status", "r0"]);
+    assert!(
+        status.starts_with("r0 role:Primary suspended:fencing\n"),
+        "{status}"
+    );
+    let done = write_async(&p, 5);
+    assert!(done.recv_timeout(Duration::from_secs(1)).is_err());
+    p.adm_ok(0, &["resume-io", "r0"]);
+    assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(true));
+    assert!(p
+        .adm_ok(0, &["status", "r0"])
+        .starts_with("r0 role:Primary\n"));
+    assert_eq!(p.data(0, 6 * 4096)[5 * 4096..], stamped_block(5, 9)[..]);
+    // bravo comes back and gets the write by resync.
+    p.adm_ok(1, &["connect", "r0"]);
+    p.wait_in_sync(Duration::from_secs(20));
+    assert!(p.data(0, 8 * 4096) == p.data(1, 8 * 4096));
+}
+
 /// A disconnected Secondary is promoted (a failover): with fencing it outdates its peer
 /// through fence-peer first; without a working fence-peer the promotion is refused (-7,
 /// exit 11) unless forced.

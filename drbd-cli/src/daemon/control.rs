@@ -58,6 +58,8 @@ pub enum Command {
     Outdate,
     PauseSync,
     ResumeSync,
+    SuspendIo,
+    ResumeIo,
     Role,
     Cstate,
     Dstate,
@@ -66,7 +68,7 @@ pub enum Command {
 
 impl Command {
     /// Every command, in the order of `drbdadm help`.
-    pub const ALL: [Command; 19] = [
+    pub const ALL: [Command; 21] = [
         Command::Up,
         Command::Down,
         Command::Attach,
@@ -82,6 +84,8 @@ impl Command {
         Command::Outdate,
         Command::PauseSync,
         Command::ResumeSync,
+        Command::SuspendIo,
+        Command::ResumeIo,
         Command::Role,
         Command::Cstate,
         Command::Dstate,
@@ -106,6 +110,8 @@ impl Command {
             Command::Outdate => "outdate",
             Command::PauseSync => "pause-sync",
             Command::ResumeSync => "resume-sync",
+            Command::SuspendIo => "suspend-io",
+            Command::ResumeIo => "resume-io",
             Command::Role => "role",
             Command::Cstate => "cstate",
             Command::Dstate => "dstate",

@@ -114,7 +114,18 @@ pub fn status_text(
     } else {
         vols.first().map_or(Role::Unknown, |v| v.role)
     };
-    let _ = writeln!(out, "{resource} role:{role}");
+    let suspended = vols.iter().find_map(|v| v.suspended.names());
+    match (suspended, opts.verbose) {
+        (Some(s), _) => {
+            let _ = writeln!(out, "{resource} role:{role} suspended:{s}");
+        }
+        (None, true) => {
+            let _ = writeln!(out, "{resource} role:{role} suspended:no");
+        }
+        (None, false) => {
+            let _ = writeln!(out, "{resource} role:{role}");
+        }
+    }
     let single = vols.len() == 1 && vols[0].volume == 0;
     let show_volume = opts.verbose || !single;
     for v in vols {
@@ -165,11 +176,21 @@ pub fn status_text(
             if resyncing {
                 f.push(format!("done:{}", done_percent(v)));
             }
-            let paused = resyncing && v.resync.is_some_and(|p| p.paused);
-            if opts.verbose || paused {
+            let why: Vec<&str> = match v.resync {
+                Some(p) if resyncing => [(p.paused_user, "user"), (p.paused_peer, "peer")]
+                    .into_iter()
+                    .filter_map(|(on, name)| on.then_some(name))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if opts.verbose || !why.is_empty() {
                 f.push(format!(
                     "resync-suspended:{}",
-                    if paused { "user" } else { "no" }
+                    if why.is_empty() {
+                        "no".to_string()
+                    } else {
+                        why.join(",")
+                    }
                 ));
             }
             let _ = writeln!(out, "    {}", f.join(" "));
@@ -231,6 +252,7 @@ mod tests {
             sent_kib: 0,
             received_kib: 0,
             standalone_reason: None,
+            suspended: Default::default(),
         }
     }
 
@@ -288,7 +310,8 @@ mod tests {
             remaining_blocks: 5_770,
             rate_kib_s: 51_200,
             eta_s: 12,
-            paused: false,
+            paused_user: false,
+            paused_peer: false,
         });
         v.out_of_sync_kib = 23_080;
         assert_eq!(
@@ -305,12 +328,28 @@ mod tests {
         );
         v.conn = ConnState::PausedSyncS;
         if let Some(p) = v.resync.as_mut() {
-            p.paused = true;
+            p.paused_user = true;
         }
         assert!(
             status_text("r0", "bravo", &[v], StatusOptions::default()).contains(
                 "replication:PausedSyncS peer-disk:Inconsistent done:42.30 resync-suspended:user\n"
             )
+        );
+    }
+
+    #[test]
+    fn suspended_io_on_the_resource_line() {
+        let mut v = vol(0, ConnState::WfConnection);
+        v.role = Role::Primary;
+        v.suspended.fencing = true;
+        assert!(
+            status_text("r0", "bravo", std::slice::from_ref(&v), StatusOptions::default())
+                .starts_with("r0 role:Primary suspended:fencing\n")
+        );
+        v.suspended.user = true;
+        assert!(
+            status_text("r0", "bravo", &[v], StatusOptions::default())
+                .starts_with("r0 role:Primary suspended:user,fencing\n")
         );
     }
 
@@ -331,7 +370,7 @@ mod tests {
         };
         assert_eq!(
             status_text("r1", "bravo", &[a], verbose),
-            "r1 role:Secondary\n  volume:0 minor:0 disk:UpToDate\n  bravo connection:Connected role:Secondary\n    volume:0 replication:Established peer-disk:UpToDate resync-suspended:no\n\n"
+            "r1 role:Secondary suspended:no\n  volume:0 minor:0 disk:UpToDate\n  bravo connection:Connected role:Secondary\n    volume:0 replication:Established peer-disk:UpToDate resync-suspended:no\n\n"
         );
     }
 
@@ -343,7 +382,8 @@ mod tests {
             remaining_blocks: 1,
             rate_kib_s: 0,
             eta_s: 0,
-            paused: false,
+            paused_user: false,
+            paused_peer: false,
         });
         assert_eq!(done_percent(&v), "99.99");
         v.resync = None;

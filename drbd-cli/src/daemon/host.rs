@@ -383,6 +383,8 @@ impl Host {
             Command::Outdate => (AdminRequest::Outdate, true),
             Command::PauseSync => (AdminRequest::PauseSync, true),
             Command::ResumeSync => (AdminRequest::ResumeSync, true),
+            Command::SuspendIo => (AdminRequest::SuspendIo, false),
+            Command::ResumeIo => (AdminRequest::ResumeIo, false),
             other => {
                 return Response::error(E_OTHER, format!("drbdd: '{other}' is not a state change"))
             }

@@ -59,7 +59,7 @@ use crate::replication::msg::{
     dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_IN_SYNC, ID_OUT_OF_SYNC, ID_SYNCER,
 };
 use crate::replication::status::{
-    AdminError, AdminRequest, ResyncProgress, StateRefusal, VolumeStatus,
+    AdminError, AdminRequest, ResyncProgress, StateRefusal, Suspended, VolumeStatus,
 };
 use crate::state::{ConnState, DiskState, Role};
 use crate::uuid::{
@@ -698,8 +698,6 @@ struct ResyncState {
     in_flight_sectors: u64,
     /// Target: blocks whose resync failed.
     failed: u64,
-    paused_user: bool,
-    paused_peer: bool,
     // Controller state.
     last_step: Option<Duration>,
     sect_in: u64,
@@ -733,8 +731,6 @@ impl ResyncState {
             in_flight: BTreeMap::new(),
             in_flight_sectors: 0,
             failed: 0,
-            paused_user: false,
-            paused_peer: false,
             last_step: None,
             sect_in: 0,
             plan: VecDeque::new(),
@@ -781,6 +777,10 @@ pub struct Device {
     /// (the local disk is `Negotiating` meanwhile, as in DRBD).
     negotiating: Option<DiskState>,
     peer_user_isp: bool,
+    /// This node's sync-pause flag (`pause-sync`; 8.4 `user_isp`).
+    user_isp: bool,
+    /// Application I/O suspended by `suspend-io` (8.4 `susp`).
+    user_suspended: bool,
     discard_my_data: bool,
     packet_seq: u32,
     /// allow-two-primaries, resolving node: the highest sequence number seen from the peer
@@ -982,6 +982,8 @@ impl Device {
             peer_uuids: None,
             negotiating: None,
             peer_user_isp: false,
+            user_isp: false,
+            user_suspended: false,
             discard_my_data: false,
             packet_seq: 0,
             peer_seq: 0,
@@ -1139,7 +1141,8 @@ impl Device {
                 } else {
                     0
                 },
-                paused: r.paused_user || r.paused_peer,
+                paused_user: self.user_isp,
+                paused_peer: self.peer_user_isp,
             }
         });
         VolumeStatus {
@@ -1165,6 +1168,10 @@ impl Device {
             sent_kib: self.sent / 2,
             received_kib: self.received / 2,
             standalone_reason: self.standalone_reason.clone(),
+            suspended: Suspended {
+                user: self.user_suspended,
+                fencing: self.frozen,
+            },
         }
     }
 
@@ -1190,7 +1197,7 @@ impl Device {
             conn: self.conn,
             disk: self.disk,
             peer_disk: self.peer_disk,
-            user_isp: self.resync.as_ref().is_some_and(|r| r.paused_user),
+            user_isp: self.user_isp,
         }
     }
 
@@ -1480,7 +1487,7 @@ impl Device {
 
     /// Whether a request may start now (else it waits in `waiting`).
     fn may_start(&self, id: ReqId) -> bool {
-        if self.frozen {
+        if self.frozen || self.user_suspended {
             return false;
         }
         let r = &self.reqs[&id];
@@ -2422,6 +2429,23 @@ impl Device {
         }
     }
 
+    /// A running resync is paused while either side's sync-pause flag is set (8.4
+    /// `sanitize_state`: SyncSource <-> PausedSyncS, SyncTarget <-> PausedSyncT).
+    fn apply_pause(&mut self) {
+        if self.resync.is_none() {
+            return;
+        }
+        let paused = self.user_isp || self.peer_user_isp;
+        let c = match (self.conn, paused) {
+            (ConnState::SyncSource, true) => ConnState::PausedSyncS,
+            (ConnState::SyncTarget, true) => ConnState::PausedSyncT,
+            (ConnState::PausedSyncS, false) => ConnState::SyncSource,
+            (ConnState::PausedSyncT, false) => ConnState::SyncTarget,
+            _ => return,
+        };
+        self.set_conn(c);
+    }
+
     /// Primary -> Secondary (the caller tells the peer).
     fn become_secondary(&mut self) {
         debug_assert_eq!(self.role, Role::Primary);
@@ -3027,10 +3051,10 @@ impl Device {
         if self.peer_role != old_role {
             self.log(format!("peer( {} -> {} )", old_role, self.peer_role));
         }
-        if let Some(rs) = self.resync.as_mut() {
-            rs.paused_peer = s.user_isp;
+        if self.peer_user_isp != s.user_isp {
+            self.peer_user_isp = s.user_isp;
+            self.apply_pause();
         }
-        self.peer_user_isp = s.user_isp;
         if self.role == Role::Primary && s.role == Role::Primary && !self.cfg.two_primaries {
             return Err(ProtocolError(
                 "the peer became Primary and allow-two-primaries is not set".into(),
@@ -3225,7 +3249,6 @@ impl Device {
         self.persist_superblock(false);
         let total = self.bitmap.count();
         let mut rs = ResyncState::new(total);
-        rs.paused_peer = self.peer_user_isp;
         rs.marks.push_back((self.now, total));
         // 8.4 `use_checksum_based_resync`.
         rs.use_csums = self.cfg.csums_alg.is_some()
@@ -3238,6 +3261,7 @@ impl Device {
             total * 4,
             if csums { ", checksum based" } else { "" }
         ));
+        self.apply_pause();
         self.send_state();
         self.maybe_finish_target();
         self.retry_waiting();
@@ -3289,6 +3313,7 @@ impl Device {
         rs.marks.push_back((self.now, total));
         self.resync = Some(rs);
         self.log(format!("resync started as SyncSource: {} KiB", total * 4));
+        self.apply_pause();
         self.send_state();
         self.retry_waiting();
     }
@@ -4207,7 +4232,7 @@ impl Device {
             let Some(rs) = self.resync.as_mut() else {
                 return;
             };
-            if rs.paused_user || rs.paused_peer {
+            if self.user_isp || self.peer_user_isp {
                 return;
             }
             match rs.last_step {
@@ -4458,23 +4483,48 @@ impl Device {
             AdminRequest::Verify => self.request_verify(),
             AdminRequest::Outdate => self.outdate(),
             AdminRequest::PauseSync | AdminRequest::ResumeSync => {
+                // 8.4's user_isp: a flag of the device, not of one resync; set while no
+                // resync runs, the next one starts paused.
                 let pause = req == AdminRequest::PauseSync;
-                let Some(rs) = self.resync.as_mut() else {
+                if self.user_isp == pause {
+                    let (code, text) = if pause {
+                        (134, "Sync-pause flag is already set")
+                    } else if self.peer_user_isp
+                        && matches!(self.conn, ConnState::PausedSyncS | ConnState::PausedSyncT)
+                    {
+                        (
+                            157,
+                            "Sync-pause flag is already cleared.\nNote: Resync pause caused by the peer node.",
+                        )
+                    } else {
+                        (135, "Sync-pause flag is already cleared")
+                    };
                     return Err(AdminError::Other {
-                        exit_code: 11,
-                        message: "no resync running".to_string(),
+                        exit_code: 10,
+                        message: format!("Failure: ({code}) {text}"),
                     });
-                };
-                rs.paused_user = pause;
-                let target = matches!(self.conn, ConnState::SyncTarget | ConnState::PausedSyncT);
-                let c = match (pause || rs.paused_peer, target) {
-                    (true, true) => ConnState::PausedSyncT,
-                    (true, false) => ConnState::PausedSyncS,
-                    (false, true) => ConnState::SyncTarget,
-                    (false, false) => ConnState::SyncSource,
-                };
-                self.set_conn(c);
+                }
+                self.user_isp = pause;
+                self.apply_pause();
                 self.send_state();
+                Ok(())
+            }
+            AdminRequest::SuspendIo => {
+                if !self.user_suspended {
+                    self.user_suspended = true;
+                    self.log("I/O suspended by suspend-io".to_string());
+                }
+                Ok(())
+            }
+            AdminRequest::ResumeIo => {
+                // Ends either suspension (8.4 clears susp, susp_nod and susp_fen); requests
+                // that waited go on, locally only when the peer is gone.
+                if self.user_suspended || self.frozen {
+                    self.user_suspended = false;
+                    self.frozen = false;
+                    self.log("I/O resumed by resume-io".to_string());
+                    self.retry_waiting();
+                }
                 Ok(())
             }
             AdminRequest::Attach

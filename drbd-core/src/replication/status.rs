@@ -37,6 +37,29 @@ pub struct VolumeStatus {
     pub received_kib: u64,
     /// Why the connection is StandAlone, if it is (protocol error, split brain, ...).
     pub standalone_reason: Option<String>,
+    /// Why application I/O is suspended, if it is.
+    pub suspended: Suspended,
+}
+
+/// Why application I/O is suspended (8.4's `susp` and `susp_fen` state bits).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Suspended {
+    /// `suspend-io`, until `resume-io`.
+    pub user: bool,
+    /// `fencing resource-and-stonith` lost the peer: until fence-peer answers decisively,
+    /// the peer is back, or `resume-io`.
+    pub fencing: bool,
+}
+
+impl Suspended {
+    /// drbdsetup's `suspended:` value (`user`, `fencing`, `user,fencing`), None when I/O runs.
+    pub fn names(&self) -> Option<String> {
+        let names: Vec<&str> = [(self.user, "user"), (self.fencing, "fencing")]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+        (!names.is_empty()).then(|| names.join(","))
+    }
 }
 
 /// Progress of a resync, as `drbdadm status` shows it.
@@ -50,8 +73,10 @@ pub struct ResyncProgress {
     pub rate_kib_s: u64,
     /// Estimated seconds left (0 if unknown).
     pub eta_s: u64,
-    /// Paused by `pause-sync` (either side).
-    pub paused: bool,
+    /// Paused by this node's `pause-sync`.
+    pub paused_user: bool,
+    /// Paused by the peer's `pause-sync`.
+    pub paused_peer: bool,
 }
 
 impl ResyncProgress {
@@ -205,6 +230,10 @@ pub enum AdminRequest {
     /// Pause / resume the resync (`pause-sync`, `resume-sync`).
     PauseSync,
     ResumeSync,
+    /// Suspend / resume application I/O (`suspend-io`, `resume-io`; resume-io also ends a
+    /// suspension by fencing).
+    SuspendIo,
+    ResumeIo,
 }
 
 /// Why an administrative request failed.
