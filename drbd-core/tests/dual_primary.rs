@@ -25,6 +25,20 @@
 //! 3. Causality: for every sector, the final version was not completed before another
 //!    write to that sector (on either node) was submitted.
 //!
+//! # Split brain
+//!
+//! Half of the seeds partition the network in the middle of the workload: each socket
+//! delivers a random prefix of what was in flight, both nodes lose the connection and go on
+//! writing as Primaries (a split brain). Once the workload is done, zero, one or both nodes
+//! demote and the network heals. The after-sb-0pri/-1pri/-2pri policies and rr-conflict are
+//! drawn per seed (discard-local/-remote mirrored on the other node); when they leave the
+//! split brain unresolved, the operator's manual recovery follows (the victim demotes and
+//! connects with `--discard-my-data`). Checkers 1 and 2 hold as before, and instead of 3:
+//!
+//! 4. Both disks end as the survivor's disk was when the network healed (the victim's
+//!    changes, and only they, are gone), and the victim reported the diverged regions it
+//!    discards.
+//!
 //! `cargo test -p drbd-core --test dual_primary` runs 500 seeds (`SIM_SEEDS=N` for more,
 //! `SIM_SEED_START=N` to shift them); `SIM_SEED=N ... -- --nocapture` replays one seed with
 //! its trace.
@@ -44,7 +58,7 @@ use drbd_core::replication::device::{
 use drbd_core::replication::msg::{PeerMsg, Socket};
 use drbd_core::replication::status::AdminRequest;
 use drbd_core::state::{ConnState, DiskState, Role};
-use drbd_core::uuid::GenerationUuids;
+use drbd_core::uuid::{AfterSbPolicy, GenerationUuids, RrConflict, SplitBrainPolicy};
 
 const SECTORS: u64 = 8 << 11; // 8 MiB
 /// The hot area both nodes write: 32 KiB.
@@ -104,6 +118,23 @@ struct Write {
     completed: Option<Duration>,
 }
 
+/// A planned split brain.
+#[derive(Debug, Clone)]
+struct Split {
+    /// The network partitions when this many writes were issued (both nodes together).
+    after_writes: usize,
+    /// Who demotes before the network heals.
+    demote: Vec<usize>,
+    /// The victim of a manual recovery.
+    manual_victim: usize,
+    /// Each node's disk when the network healed.
+    snapshots: Option<[Vec<u64>; 2]>,
+    /// The recovery was manual.
+    manual: bool,
+    /// A Primary refused to become SyncTarget (rr-conflict disconnect) on the way.
+    rr_conflict_seen: bool,
+}
+
 struct Node {
     dev: Device,
     disk: Vec<u64>,
@@ -135,6 +166,19 @@ struct Sim {
     trace: Option<Vec<String>>,
     failure: Option<String>,
     conflicts: usize,
+    split: Option<Split>,
+    /// Messages travel (false while partitioned or after a node dropped the connection).
+    link_up: bool,
+    /// A node dropped the connection for good (StandAlone).
+    standalone: [bool; 2],
+    /// Node that became SyncTarget after the network healed.
+    sync_target: [bool; 2],
+    /// Node that logged the report of what its resync discards.
+    discards: [bool; 2],
+    /// A handshake resolved the split brain by `--discard-my-data`.
+    manually_solved: bool,
+    /// The node that refused to become SyncTarget as a Primary (rr-conflict).
+    rr_conflict: Option<usize>,
 }
 
 fn stream_of(from: usize, s: Socket) -> usize {
@@ -149,14 +193,63 @@ impl Sim {
     fn new(seed: u64, trace: bool) -> Sim {
         let mut rng = Rng(fastrand::Rng::with_seed(seed));
         let uuid = (rng.next() | 1) & !1;
+        let split = rng.chance(0.5).then(|| Split {
+            after_writes: 10 + rng.below(100) as usize,
+            demote: match rng.below(4) {
+                0 => vec![0, 1],
+                1 => vec![0],
+                2 => vec![1],
+                _ => vec![],
+            },
+            manual_victim: rng.below(2) as usize,
+            snapshots: None,
+            manual: false,
+            rr_conflict_seen: false,
+        });
+        let pick =
+            |rng: &mut Rng, from: &[AfterSbPolicy]| from[rng.below(from.len() as u64) as usize];
+        use AfterSbPolicy::*;
+        let policy = SplitBrainPolicy {
+            after_sb_0pri: pick(
+                &mut rng,
+                &[
+                    Disconnect,
+                    DiscardYoungerPrimary,
+                    DiscardOlderPrimary,
+                    DiscardZeroChanges,
+                    DiscardLeastChanges,
+                    DiscardLocal,
+                    DiscardRemote,
+                ],
+            ),
+            after_sb_1pri: pick(
+                &mut rng,
+                &[
+                    Disconnect,
+                    Consensus,
+                    ViolentlyAs0p,
+                    DiscardSecondary,
+                    CallPriLostAfterSb,
+                ],
+            ),
+            after_sb_2pri: pick(&mut rng, &[Disconnect, ViolentlyAs0p, CallPriLostAfterSb]),
+            rr_conflict: if rng.chance(0.5) {
+                RrConflict::Violently
+            } else {
+                RrConflict::Disconnect
+            },
+            always_asbp: false,
+        };
         let mut nodes = Vec::new();
         for n in 0..2u64 {
             let cfg = DeviceConfig {
                 two_primaries: true,
+                split_brain: if n == 0 { policy } else { policy.mirrored() },
                 max_buffers: 32 + rng.below(2048) as u32,
                 max_epoch_size: 1 + rng.below(64) as u32,
                 disk_flushes: rng.chance(0.7),
-                rng_seed: seed * 2 + n,
+                // Distinct generators: the Device only uses odd seeds (`| 1`).
+                rng_seed: rng.next(),
                 ..DeviceConfig::default()
             };
             let local = LocalDisk {
@@ -197,6 +290,13 @@ impl Sim {
             trace: trace.then(Vec::new),
             failure: None,
             conflicts: 0,
+            split,
+            link_up: true,
+            standalone: [false; 2],
+            sync_target: [false; 2],
+            discards: [false; 2],
+            manually_solved: false,
+            rr_conflict: None,
         }
     }
 
@@ -221,6 +321,7 @@ impl Sim {
     }
 
     fn connect(&mut self, resolver: usize) {
+        self.link_up = true;
         let hellos = [
             self.nodes[0].dev.local_hello(),
             self.nodes[1].dev.local_hello(),
@@ -248,13 +349,36 @@ impl Sim {
                 }
                 Action::Send(m) => self.send(n, m),
                 Action::Complete { id, result } => self.complete(n, id, result),
-                Action::Disconnect { reason, .. } => {
-                    self.fail(format!("node {n} disconnects: {reason}"));
+                Action::Disconnect { reason, retry } => {
+                    if self.split.is_none() {
+                        self.fail(format!("node {n} disconnects: {reason}"));
+                    }
+                    self.note(format!("node {n} drops the connection: {reason}"));
+                    self.standalone[n] |= !retry;
+                    if reason.contains("I shall become SyncTarget, but I am primary") {
+                        self.rr_conflict = Some(n);
+                    }
+                    // The peer sees its sockets close.
+                    self.break_link();
+                    let now = self.now;
+                    self.nodes[1 - n]
+                        .dev
+                        .connection_lost(now, "peer closed the connection");
+                    self.drain(1 - n);
                 }
                 Action::Handler(_) => {}
                 Action::Log(l) => {
                     if l.contains("Concurrent writes") || l.contains("postponed") {
                         self.conflicts += 1;
+                    }
+                    if l.contains("resync started as SyncTarget") {
+                        self.sync_target[n] = true;
+                    }
+                    if l.contains("(this node's changes there are discarded)") {
+                        self.discards[n] = true;
+                    }
+                    if l.contains("manually solved") {
+                        self.manually_solved = true;
                     }
                     self.note(format!("node {n}: {l}"));
                 }
@@ -262,7 +386,57 @@ impl Sim {
         }
     }
 
+    /// The connection is gone: what is in flight is lost.
+    fn break_link(&mut self) {
+        self.link_up = false;
+        for s in self.streams.iter_mut() {
+            s.clear();
+        }
+    }
+
+    /// The network partitions: each socket delivers a random prefix of what it carries,
+    /// then both nodes notice the loss.
+    fn partition(&mut self) {
+        self.note("network partition".to_string());
+        let kept: Vec<usize> = (0..4)
+            .map(|st| self.rng.below(self.streams[st].len() as u64 + 1) as usize)
+            .collect();
+        let mut arriving: Vec<(usize, VecDeque<PeerMsg>)> = Vec::new();
+        for (st, k) in kept.into_iter().enumerate() {
+            let msgs: VecDeque<PeerMsg> =
+                self.streams[st].drain(..).take(k).map(|(_, m)| m).collect();
+            arriving.push((st, msgs));
+        }
+        // Whatever the deliveries make the nodes send is lost.
+        self.link_up = false;
+        for (st, msgs) in arriving {
+            let to = 1 - st / 2;
+            for m in msgs {
+                if st % 2 == 0 && !self.nodes[to].dev.can_receive() {
+                    break;
+                }
+                let name = m.name();
+                self.note(format!("node {to} receives {name} (before the partition)"));
+                let now = self.now;
+                if let Err(e) = self.nodes[to].dev.received(now, m) {
+                    self.fail(format!("node {to}: {name}: {e}"));
+                }
+                self.drain(to);
+            }
+        }
+        self.break_link();
+        for n in 0..2 {
+            let now = self.now;
+            self.nodes[n].dev.connection_lost(now, "network failure");
+            self.drain(n);
+        }
+    }
+
     fn send(&mut self, from: usize, m: PeerMsg) {
+        if !self.link_up {
+            self.note(format!("node {from} sends {} (lost)", m.name()));
+            return;
+        }
         let st = stream_of(from, m.socket());
         let mut d = self.rng.us(self.net_lat.0, self.net_lat.1);
         if self.rng.chance(self.spike) {
@@ -337,6 +511,15 @@ impl Sim {
             let now = self.now;
             self.nodes[n].dev.submit(now, id, sector, op);
             self.drain(n);
+            let issued = self.nodes[0].issued + self.nodes[1].issued;
+            if self.link_up
+                && self
+                    .split
+                    .as_ref()
+                    .is_some_and(|s| s.after_writes == issued)
+            {
+                self.partition();
+            }
         }
     }
 
@@ -447,7 +630,126 @@ impl Sim {
         if let Some(f) = self.failure.take() {
             return Err(f);
         }
+        if self.split.is_some() {
+            self.heal(resolver)?;
+        }
         self.check()
+    }
+
+    /// Runs until nothing is left to do; while a resync runs (the device requests blocks on
+    /// its timer) or requests wait, the timers tick every 100 ms.
+    fn settle(&mut self) -> Result<(), String> {
+        let mut steps = 0u64;
+        let mut ticks = 0u64;
+        loop {
+            while self.step() {
+                steps += 1;
+                if steps > 5_000_000 {
+                    return Err("no quiescence after 5 million events".into());
+                }
+                if let Some(f) = self.failure.take() {
+                    return Err(f);
+                }
+            }
+            let busy = self.nodes.iter().any(|n| {
+                !n.dev.is_idle()
+                    || n.in_flight > 0
+                    || !matches!(
+                        n.dev.conn_state(),
+                        ConnState::Connected | ConnState::StandAlone | ConnState::Unconnected
+                    )
+            });
+            if !busy {
+                return Ok(());
+            }
+            ticks += 1;
+            if ticks > 10_000 {
+                return Err("still busy after 10000 timer ticks".into());
+            }
+            self.now += Duration::from_millis(100);
+            for n in 0..2 {
+                let now = self.now;
+                self.nodes[n].dev.tick(now);
+                self.drain(n);
+            }
+        }
+    }
+
+    /// After the split: the planned demotions, then the network heals; an unresolved split
+    /// brain is recovered by hand.
+    fn heal(&mut self, resolver: usize) -> Result<(), String> {
+        let split = self.split.clone().expect("a split seed");
+        if self.link_up {
+            return Err("the partition never happened".into());
+        }
+        let snapshots = [self.nodes[0].disk.clone(), self.nodes[1].disk.clone()];
+        for &n in &split.demote {
+            let now = self.now;
+            self.nodes[n]
+                .dev
+                .admin(now, AdminRequest::Secondary)
+                .map_err(|e| format!("node {n}: secondary: {e}"))?;
+            self.drain(n);
+        }
+        self.settle()?;
+        if let Some(s) = self.split.as_mut() {
+            s.snapshots = Some(snapshots);
+        }
+        self.note("the network heals".to_string());
+        self.reconnect(resolver)?;
+        if self
+            .nodes
+            .iter()
+            .all(|n| n.dev.conn_state() == ConnState::Connected)
+        {
+            return Ok(());
+        }
+        // Unresolved: the operator recovers by hand, the victim demoting and connecting with
+        // --discard-my-data. When the policies chose a victim that refused as a Primary
+        // (rr-conflict), that one demotes instead; a demotion changes which policy applies,
+        // so this can take a second round.
+        if let Some(s) = self.split.as_mut() {
+            s.manual = true;
+        }
+        for _round in 0..3 {
+            let rr = self.rr_conflict.take();
+            let victim = rr.unwrap_or(split.manual_victim);
+            if let Some(s) = self.split.as_mut() {
+                s.manual_victim = victim;
+                s.rr_conflict_seen |= rr.is_some();
+            }
+            self.note(format!("manual recovery: node {victim} discards its data"));
+            let now = self.now;
+            if self.nodes[victim].dev.role() == Role::Primary {
+                self.nodes[victim]
+                    .dev
+                    .admin(now, AdminRequest::Secondary)
+                    .map_err(|e| format!("node {victim}: secondary: {e}"))?;
+            }
+            self.nodes[victim].dev.set_discard_my_data(true);
+            self.drain(victim);
+            self.reconnect(resolver)?;
+            if self
+                .nodes
+                .iter()
+                .all(|n| n.dev.conn_state() == ConnState::Connected)
+            {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn reconnect(&mut self, resolver: usize) -> Result<(), String> {
+        self.standalone = [false; 2];
+        for n in 0..2 {
+            self.nodes[n].dev.connecting();
+        }
+        self.connect(resolver);
+        for n in 0..2 {
+            self.drain(n);
+        }
+        self.settle()
     }
 
     fn check(&self) -> Result<(), String> {
@@ -475,6 +777,9 @@ impl Sim {
                     d.bitmap().count()
                 ));
             }
+        }
+        if let Some(split) = &self.split {
+            return self.check_split(split);
         }
         for s in 0..HOT {
             let (a, b) = (
@@ -518,6 +823,63 @@ impl Sim {
     }
 }
 
+impl Sim {
+    fn check_split(&self, split: &Split) -> Result<(), String> {
+        let Some(snapshots) = &split.snapshots else {
+            return Err("no snapshot at the heal".into());
+        };
+        if self.nodes[0].disk != self.nodes[1].disk {
+            let s = (0..SECTORS as usize)
+                .find(|&s| self.nodes[0].disk[s] != self.nodes[1].disk[s])
+                .unwrap_or(0);
+            return Err(format!(
+                "checker 2: sector {s}: node 0 has {}, node 1 has {}",
+                self.nodes[0].disk[s], self.nodes[1].disk[s]
+            ));
+        }
+        let victim = match self.sync_target {
+            [true, false] => Some(0),
+            [false, true] => Some(1),
+            [false, false] => None,
+            [true, true] => return Err("checker 4: both nodes were SyncTarget".into()),
+        };
+        // The policies come first: a node demoted for the manual recovery may make them
+        // decide before --discard-my-data is looked at (as in 8.4).
+        if self.manually_solved && victim != Some(split.manual_victim) {
+            return Err(format!(
+                "checker 4: manual recovery discarding node {}, but the SyncTarget was {victim:?}",
+                split.manual_victim
+            ));
+        }
+        let survivor = match victim {
+            Some(v) => 1 - v,
+            None => {
+                if snapshots[0] != snapshots[1] {
+                    return Err("checker 4: the split diverged and nobody resynced".into());
+                }
+                0
+            }
+        };
+        if self.nodes[0].disk != snapshots[survivor] {
+            let s = (0..SECTORS as usize)
+                .find(|&s| self.nodes[0].disk[s] != snapshots[survivor][s])
+                .unwrap_or(0);
+            return Err(format!(
+                "checker 4: sector {s} holds {} but survivor node {survivor} had {}",
+                self.nodes[0].disk[s], snapshots[survivor][s]
+            ));
+        }
+        if let Some(v) = victim {
+            if snapshots[0] != snapshots[1] && !self.discards[v] {
+                return Err(format!(
+                    "checker 4: victim node {v} did not report what it discards"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
@@ -536,11 +898,25 @@ fn two_primaries_writing_the_same_blocks_end_identical() {
     let start = env_u64("SIM_SEED_START").unwrap_or(0);
     let seeds = env_u64("SIM_SEEDS").unwrap_or(500);
     let mut conflicts = 0;
+    // Split seeds: resolved by the policies, by hand, and after an rr-conflict.
+    let (mut automatic, mut manual, mut rr) = (0, 0, 0);
     let mut failures = Vec::new();
     for seed in start..start + seeds {
         let mut sim = Sim::new(seed, false);
         match sim.run() {
-            Ok(()) => conflicts += sim.conflicts,
+            Ok(()) => {
+                conflicts += sim.conflicts;
+                if let Some(split) = &sim.split {
+                    if split.manual {
+                        manual += 1;
+                    } else {
+                        automatic += 1;
+                    }
+                    if split.rr_conflict_seen {
+                        rr += 1;
+                    }
+                }
+            }
             Err(e) => failures.push(format!(
                 "seed {seed}: {e}\n  replay: SIM_SEED={seed} cargo test -p drbd-core --test dual_primary -- --nocapture"
             )),
@@ -552,4 +928,14 @@ fn two_primaries_writing_the_same_blocks_end_identical() {
         conflicts > seeds as usize,
         "only {conflicts} conflicts resolved in {seeds} seeds"
     );
+    println!(
+        "{seeds} seeds: {conflicts} conflicts; split brains resolved automatically {automatic}, \
+         by hand {manual} (after an rr-conflict {rr})"
+    );
+    if seeds >= 100 {
+        assert!(
+            automatic >= seeds / 20 && manual >= seeds / 20 && rr > 0,
+            "split brains: {automatic} automatic, {manual} manual, {rr} rr-conflict"
+        );
+    }
 }

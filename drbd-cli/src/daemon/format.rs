@@ -342,15 +342,16 @@ mod tests {
         let mut v = vol(0, ConnState::WfConnection);
         v.role = Role::Primary;
         v.suspended.fencing = true;
-        assert!(
-            status_text("r0", "bravo", std::slice::from_ref(&v), StatusOptions::default())
-                .starts_with("r0 role:Primary suspended:fencing\n")
-        );
+        assert!(status_text(
+            "r0",
+            "bravo",
+            std::slice::from_ref(&v),
+            StatusOptions::default()
+        )
+        .starts_with("r0 role:Primary suspended:fencing\n"));
         v.suspended.user = true;
-        assert!(
-            status_text("r0", "bravo", &[v], StatusOptions::default())
-                .starts_with("r0 role:Primary suspended:user,fencing\n")
-        );
+        assert!(status_text("r0", "bravo", &[v], StatusOptions::default())
+            .starts_with("r0 role:Primary suspended:user,fencing\n"));
     }
 
     #[test]

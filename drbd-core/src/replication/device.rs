@@ -2338,8 +2338,27 @@ impl Device {
                 p.uuids = c;
             }
         }
-        if d.split_brain.is_some() {
-            self.log("Split-Brain detected".to_string());
+        let from = |survivor: uuid::Side| match survivor {
+            uuid::Side::Local => "this",
+            uuid::Side::Peer => "peer",
+        };
+        match d.split_brain {
+            Some(uuid::SplitBrainResolution::Automatic {
+                primaries,
+                survivor,
+                ..
+            }) => self.log(format!(
+                "Split-Brain detected, {primaries} primaries, automatically solved. Sync from {} node",
+                from(survivor)
+            )),
+            Some(uuid::SplitBrainResolution::Manual { survivor }) => self.log(format!(
+                "Split-Brain detected, manually solved. Sync from {} node",
+                from(survivor)
+            )),
+            Some(uuid::SplitBrainResolution::Unresolved) => {
+                self.log("Split-Brain detected".to_string())
+            }
+            None => {}
         }
         if d.demote {
             // The policy chose this Primary's data to be discarded and nobody has the device
