@@ -386,6 +386,17 @@ impl Sim {
         }
     }
 
+    /// Node `to` receives `m`.
+    fn deliver(&mut self, to: usize, m: PeerMsg, when: &str) {
+        let name = m.name();
+        self.note(format!("node {to} receives {name}{when}"));
+        let now = self.now;
+        if let Err(e) = self.nodes[to].dev.received(now, m) {
+            self.fail(format!("node {to}: {name}: {e}"));
+        }
+        self.drain(to);
+    }
+
     /// The connection is gone: what is in flight is lost.
     fn break_link(&mut self) {
         self.link_up = false;
@@ -415,13 +426,7 @@ impl Sim {
                 if st % 2 == 0 && !self.nodes[to].dev.can_receive() {
                     break;
                 }
-                let name = m.name();
-                self.note(format!("node {to} receives {name} (before the partition)"));
-                let now = self.now;
-                if let Err(e) = self.nodes[to].dev.received(now, m) {
-                    self.fail(format!("node {to}: {name}: {e}"));
-                }
-                self.drain(to);
+                self.deliver(to, m, " (before the partition)");
             }
         }
         self.break_link();
@@ -546,13 +551,7 @@ impl Sim {
                     self.at(retry, Ev::Deliver { stream });
                     return true;
                 }
-                let name = m.name();
-                self.note(format!("node {to} receives {name}"));
-                let now = self.now;
-                if let Err(e) = self.nodes[to].dev.received(now, m) {
-                    self.fail(format!("node {to}: {name}: {e}"));
-                }
-                self.drain(to);
+                self.deliver(to, m, "");
             }
             Ev::DiskDone { node, io } => {
                 let Some(op) = self.nodes[node].pending.remove(&io) else {
