@@ -99,6 +99,33 @@ fn a_broken_fence_peer_keeps_io_frozen_until_the_peer_is_back() {
     assert!(p.data(0, 4 * 4096) == p.data(1, 4 * 4096));
 }
 
+/// Each decisive answer of fence-peer (8.4's contract) sets the disk states it names and
+/// lets the frozen I/O go on.
+#[test]
+fn fence_peer_exit_codes_decide_the_disk_states() {
+    for (k, (code, dstate)) in [
+        (3, "UpToDate/Inconsistent"),
+        (5, "UpToDate/Outdated"),
+        (6, "Outdated/DUnknown"),
+        (7, "UpToDate/Outdated"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut p = fencing_pair(7950 + k as u16, &format!("exit {code}"), 0);
+        p.up_and_sync();
+        p.adm_ok(1, &["disconnect", "r0"]);
+        p.wait_until("fence-peer answered", Duration::from_secs(20), |p| {
+            p.log(0).contains(&format!("fence-peer helper returned {code}"))
+        });
+        assert_eq!(p.dstate(0), dstate, "exit {code}");
+        assert!(
+            write_async(&p, 2).recv_timeout(Duration::from_secs(10)) == Ok(true),
+            "exit {code}: I/O stayed frozen"
+        );
+    }
+}
+
 /// The operator ends the freeze by hand: `resume-io` lets the waiting write complete on the
 /// local disk; `status` shows `suspended:fencing` until then.
 #[test]

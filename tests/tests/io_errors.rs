@@ -22,6 +22,10 @@ fn failing_disk_under_writes(policy: &str, port: u16) -> (Pair, NbdClient) {
     p.nodes[0]
         .env
         .push(("DRBDD_FAULT_INJECT".into(), "writes-after=100".into()));
+    // alpha's handlers leave a trace of each run.
+    let mark = |p: &Pair, h: &str| format!("echo \"$DRBD_RESOURCE\" >> {}", p.file(h).display());
+    let handlers = ["local-io-error", "pri-on-incon-degr"].map(|h| (h, mark(&p, h)));
+    p.set_handlers(0, &handlers.each_ref().map(|(h, b)| (*h, b.as_str())));
     p.up_and_sync();
     let mut nbd = NbdClient::connect(&p.nbd_socket(0), "r0").expect("NBD connect");
     for b in 0..BLOCKS {
@@ -44,10 +48,16 @@ fn failing_disk_under_writes(policy: &str, port: u16) -> (Pair, NbdClient) {
     (p, nbd)
 }
 
+/// How many times alpha ran handler `h`.
+fn runs(p: &Pair, h: &str) -> usize {
+    std::fs::read_to_string(p.file(h)).map_or(0, |s| s.lines().filter(|l| *l == "r0").count())
+}
+
 /// `detach`: alpha gives its disk up and goes on Diskless through bravo.
 #[test]
 fn a_primary_whose_disk_fails_goes_on_through_its_peer() {
     let (p, mut nbd) = failing_disk_under_writes("detach", 7870);
+    assert_eq!(runs(&p, "local-io-error"), 0, "detach calls no handler");
     p.wait_until("alpha Diskless", Duration::from_secs(10), |p| {
         p.dstate(0) == "Diskless/UpToDate"
     });
@@ -64,6 +74,18 @@ fn a_primary_whose_disk_fails_goes_on_through_its_peer() {
     assert!(nbd.read(5 * 4096, 4096).expect("read") == stamped_block(5, 4));
 }
 
+/// `call-local-io-error`: as detach, and the local-io-error handler runs once.
+#[test]
+fn call_local_io_error_detaches_and_runs_the_handler() {
+    let (p, _nbd) = failing_disk_under_writes("call-local-io-error", 7872);
+    p.wait_until("alpha Diskless", Duration::from_secs(10), |p| {
+        p.dstate(0) == "Diskless/UpToDate"
+    });
+    p.wait_until("local-io-error handler", Duration::from_secs(10), |p| {
+        runs(p, "local-io-error") == 1
+    });
+}
+
 /// `pass_on`: alpha keeps its disk but no longer trusts it (Inconsistent); reads come from
 /// bravo.
 #[test]
@@ -75,4 +97,10 @@ fn pass_on_keeps_the_disk_inconsistent_and_reads_from_the_peer() {
         log.contains("Local IO failed in WRITE. Passing error on..."),
         "{log}"
     );
+    // Then the peer goes away: a Primary left without good data runs pri-on-incon-degr.
+    assert_eq!(runs(&p, "pri-on-incon-degr"), 0);
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("pri-on-incon-degr handler", Duration::from_secs(10), |p| {
+        runs(p, "pri-on-incon-degr") == 1
+    });
 }

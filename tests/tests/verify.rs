@@ -36,7 +36,11 @@ fn online_verify_finds_injected_differences_from_either_side() {
         net_extra: "verify-alg sha1;",
         ..PairSpec::default()
     });
+    let found = p.file("out-of-sync");
+    let mark = format!("echo \"$DRBD_RESOURCE\" >> {}", found.display());
+    p.set_handlers(0, &[("out-of-sync", &mark)]);
     p.up_and_sync();
+    let runs = || std::fs::read_to_string(&found).map_or(0, |s| s.lines().count());
     let mut nbd = NbdClient::connect(&p.nbd_socket(0), "r0").expect("NBD connect");
     for b in 0..64u64 {
         nbd.write(b * 4096, &stamped_block(b, 1)).expect("write");
@@ -50,6 +54,7 @@ fn online_verify_finds_injected_differences_from_either_side() {
         assert_eq!(p.statistic(i, "out-of-sync"), 0, "node {i}");
     }
     assert!(!p.log(0).contains("out of sync!"), "{}", p.log(0));
+    assert_eq!(runs(), 0, "out-of-sync ran after a clean verify");
 
     // Two adjacent blocks and a lone one differ on bravo's disk.
     corrupt(&p, 1, 10 * 4096, &stamped_block(10, 99));
@@ -61,6 +66,9 @@ fn online_verify_finds_injected_differences_from_either_side() {
         log.contains("Online verify found 3 4k block out of sync!"),
         "{log}"
     );
+    p.wait_until("out-of-sync handler", Duration::from_secs(10), |_| {
+        runs() == 1
+    });
     assert!(
         log.contains("Out of sync: start=80, size=16 (sectors)"),
         "{log}"
