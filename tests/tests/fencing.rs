@@ -116,7 +116,8 @@ fn fence_peer_exit_codes_decide_the_disk_states() {
         p.up_and_sync();
         p.adm_ok(1, &["disconnect", "r0"]);
         p.wait_until("fence-peer answered", Duration::from_secs(20), |p| {
-            p.log(0).contains(&format!("fence-peer helper returned {code}"))
+            p.log(0)
+                .contains(&format!("fence-peer helper returned {code}"))
         });
         assert_eq!(p.dstate(0), dstate, "exit {code}");
         assert!(
