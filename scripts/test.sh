@@ -18,6 +18,12 @@ set +e
 cargo test --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The benchmarks: built, and the summary of ratios printed once in its short mode (the
+# figures are informational; an error setting up or running a workload fails the run).
+echo "== cargo bench --no-run"
+cargo bench -p benches --no-run
+echo "== benchmark summary (--quick)"
+cargo run --release -p benches --bin summary -- --quick
 # One closing line for the whole run: the sum over every test binary.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"
