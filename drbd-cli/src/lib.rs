@@ -7,6 +7,7 @@
 pub mod adm;
 mod adm_daemon;
 mod adm_meta;
+pub mod alloc;
 pub mod daemon;
 pub mod meta_cmd;
 pub mod runtime;

@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::disk::{
-    inject_faults, open_engine, AlignedBuf, Completion, CompletionReceiver, DiskEngine, DiskOp,
-    EngineOptions, FaultPlan, SubmitError,
+    inject_faults, open_engine, AlignedBuf, BufPool, Completion, CompletionReceiver, DiskEngine,
+    DiskOp, EngineOptions, FaultPlan, SubmitError,
 };
 use crate::handlers::Handlers;
 use crate::handshake::VolumeHello;
@@ -132,6 +132,9 @@ pub struct Replica {
     /// NBD clients holding the device open (the actor reads it at each event).
     openers: Arc<AtomicU32>,
 }
+
+/// Most bytes of write buffers kept for reuse per volume.
+const WRITE_POOL_BYTES: usize = 32 << 20;
 
 /// How long a demotion refused because the device is open retries (for NBD clients that
 /// closed their connection but whose end the server has not seen yet).
@@ -310,6 +313,7 @@ impl Replica {
             handler_tx,
             handler_rx: Some(handler_rx),
             openers: openers.clone(),
+            write_bufs: BufPool::new(WRITE_POOL_BYTES),
             lingering: None,
             pending_detach: None,
             cfg: cfg.clone(),
@@ -643,6 +647,8 @@ struct Actor {
     /// NBD clients holding the device open, counted by the [`Replica`].
     openers: Arc<AtomicU32>,
     restart_rx: Option<mpsc::UnboundedReceiver<()>>,
+    /// Write buffers for the disk engine, reused.
+    write_bufs: BufPool,
     /// A dropped connection whose sockets stay open for a moment (DISCONNECT_LINGER).
     lingering: Option<tokio::task::JoinHandle<()>>,
     /// A `detach` waiting for the local I/O in flight.
@@ -1062,9 +1068,9 @@ impl Actor {
             CoreOp::Read { sector, len } => {
                 DiskOp::read(id, sector * 512, AlignedBuf::zeroed(len as usize))
             }
-            // The one copy of a write: into a buffer aligned for O_DIRECT.
+            // The one copy of a write: into a buffer aligned for O_DIRECT, reused.
             CoreOp::Write { sector, data, fua } => {
-                DiskOp::write(id, sector * 512, AlignedBuf::from_slice(&data), fua)
+                DiskOp::write(id, sector * 512, self.write_bufs.copy_of(&data), fua)
             }
             CoreOp::Flush => DiskOp::flush(id),
             CoreOp::Discard { sector, len } => DiskOp::discard(id, sector * 512, len),
@@ -1176,7 +1182,10 @@ impl Actor {
                         Ok(Some(Bytes::from_owner(ReadBuf(c.buf))))
                     }
                     (Ok(_), Some(_)) => Err(()),
-                    (Ok(_), None) => Ok(None),
+                    (Ok(_), None) => {
+                        self.write_bufs.give(c.buf);
+                        Ok(None)
+                    }
                     (Err(e), _) => {
                         tracing::error!(resource = %self.name, "disk I/O error: {e}");
                         Err(())

@@ -329,6 +329,8 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // Measure what the daemon runs with.
+    drbd_cli::alloc::tune();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -8,6 +8,7 @@ use drbd_cli::daemon::main_with;
 use drbd_cli::runtime::RuntimeFactory;
 
 fn main() {
+    drbd_cli::alloc::tune();
     std::process::exit(main_with(|opts| {
         Arc::new(RuntimeFactory::new(opts.nbd_tcp))
     }));

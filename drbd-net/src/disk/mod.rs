@@ -68,7 +68,7 @@ use thiserror::Error;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::mpsc::{OwnedPermit, Sender};
 
-pub use buf::{AlignedBuf, BUF_ALIGN};
+pub use buf::{AlignedBuf, BufPool, BUF_ALIGN};
 pub use faulty::{inject_faults, FaultPlan};
 pub use open::{
     engine_from_file, open_engine, uring_available, DirectIo, EngineChoice, EngineOptions,
