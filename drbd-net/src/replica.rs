@@ -642,8 +642,8 @@ struct Actor {
     /// A dropped connection that is to be started again reports here once it is closed.
     restart_tx: mpsc::UnboundedSender<()>,
     /// Handlers whose exit code the device wants report here.
-    handler_tx: mpsc::UnboundedSender<(Handler, i32)>,
-    handler_rx: Option<mpsc::UnboundedReceiver<(Handler, i32)>>,
+    handler_tx: mpsc::UnboundedSender<(Handler, u64, i32)>,
+    handler_rx: Option<mpsc::UnboundedReceiver<(Handler, u64, i32)>>,
     /// NBD clients holding the device open, counted by the [`Replica`].
     openers: Arc<AtomicU32>,
     restart_rx: Option<mpsc::UnboundedReceiver<()>>,
@@ -690,8 +690,11 @@ impl Actor {
                 },
                 ev = next_event(&mut self.session), if receive => self.session_event(ev).await,
                 Some(()) = restart.recv(), if self.shutting_down.is_none() => {
-                    // The dropped connection is closed: connect again.
-                    if self.session.is_none() {
+                    // The dropped connection is closed: connect again, unless `disconnect`
+                    // made the resource StandAlone meanwhile.
+                    if self.session.is_none()
+                        && self.dev.conn_state() != drbd_core::state::ConnState::StandAlone
+                    {
                         if let Err(e) = self.start_session().await {
                             tracing::error!(resource = %self.name, "cannot restart the connection: {e}");
                         }
@@ -701,9 +704,9 @@ impl Actor {
                     let now = self.now();
                     self.dev.tick(now);
                 }
-                Some((h, code)) = handler_results.recv() => {
+                Some((h, token, code)) = handler_results.recv() => {
                     let now = self.now();
-                    self.dev.handler_done(now, h, code);
+                    self.dev.handler_done(now, h, token, code);
                 }
             }
             self.drain_actions();
@@ -985,14 +988,13 @@ impl Actor {
                 Action::Handler(h) => {
                     // fence-peer's and the before-resync handlers' exit codes decide what the
                     // device does next.
-                    let done: Option<Box<dyn FnOnce(i32) + Send>> = if self.dev.wants_exit_code(h) {
-                        let tx = self.handler_tx.clone();
-                        Some(Box::new(move |code| {
-                            let _ = tx.send((h, code));
-                        }))
-                    } else {
-                        None
-                    };
+                    let done: Option<Box<dyn FnOnce(i32) + Send>> =
+                        self.dev.wants_exit_code(h).map(|token| {
+                            let tx = self.handler_tx.clone();
+                            Box::new(move |code| {
+                                let _ = tx.send((h, token, code));
+                            }) as Box<dyn FnOnce(i32) + Send>
+                        });
                     self.cfg.handlers.run(&self.name, h.name(), done);
                 }
             }

@@ -127,6 +127,39 @@ fn fence_peer_exit_codes_decide_the_disk_states() {
     }
 }
 
+/// A fence-peer still running when the peer comes back is moot; when the peer is lost
+/// again, fencing starts over (a new fence-peer run and a new freeze), and the late answer
+/// of the first run does not settle the second.
+#[test]
+fn a_second_loss_fences_again_while_the_first_fence_peer_still_runs() {
+    let mut p = fencing_pair(7958, "sleep 3; exit 7", 0);
+    p.up_and_sync();
+    let runs = |p: &Pair| p.log(0).matches("helper command: fence-peer").count();
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("first fence-peer", Duration::from_secs(10), |p| {
+        runs(p) >= 1
+    });
+    p.adm_ok(1, &["connect", "r0"]);
+    p.wait_in_sync(Duration::from_secs(20));
+    p.adm_ok(1, &["disconnect", "r0"]);
+    p.wait_until("second fence-peer", Duration::from_secs(10), |p| {
+        runs(p) == 2
+    });
+    let status = p.adm_ok(0, &["status", "r0"]);
+    assert!(
+        status.starts_with("r0 role:Primary suspended:fencing\n"),
+        "{status}"
+    );
+    // Both runs answer 7 (stonithed); the second settles the second loss.
+    p.wait_until("fenced", Duration::from_secs(20), |p| {
+        p.dstate(0) == "UpToDate/Outdated"
+    });
+    assert!(
+        write_async(&p, 6).recv_timeout(Duration::from_secs(10)) == Ok(true),
+        "I/O stayed frozen"
+    );
+}
+
 /// The operator ends the freeze by hand: `resume-io` lets the waiting write complete on the
 /// local disk; `status` shows `suspended:fencing` until then.
 #[test]

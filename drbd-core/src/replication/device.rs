@@ -252,6 +252,9 @@ impl Default for DeviceConfig {
 #[derive(Debug, Clone, Copy)]
 struct ResyncHandlerWait {
     handler: Handler,
+    /// Identifies this wait: an exit code of an earlier run of the same handler (from a
+    /// connection since lost) does not answer it.
+    token: u64,
     /// The connection the resync belongs to.
     conn_gen: u64,
     /// SyncSource: the new bitmap UUID to send once the handler agreed.
@@ -849,6 +852,10 @@ pub struct Device {
     sb_report: bool,
     /// `fence-peer` runs; its exit code is awaited.
     fencing_pending: bool,
+    /// The token of the fence-peer run awaited (see [`Device::wants_exit_code`]).
+    fence_token: u64,
+    /// Source of handler-wait tokens.
+    wait_tokens: u64,
     /// Application I/O is frozen (resource-and-stonith, until fence-peer's answer).
     frozen: bool,
     /// Clients holding the device open (NBD connections): a Primary held open is not
@@ -1022,6 +1029,8 @@ impl Device {
             state_request: None,
             sb_report: false,
             fencing_pending: false,
+            fence_token: 0,
+            wait_tokens: 0,
             frozen: false,
             openers: 0,
             resync_handler: None,
@@ -2232,8 +2241,10 @@ impl Device {
         self.packet_seq = 0;
         self.peer_seq = 0;
         self.seq_held.clear();
+        // The peer is back: fencing is moot (8.4 ignores the handler's late answer), and a
+        // later loss must fence again.
+        self.fencing_pending = false;
         if self.frozen {
-            // The peer is back: fencing is moot (8.4 ignores the handler's late answer).
             self.frozen = false;
             self.log("I/O resumed: the peer is connected again".to_string());
         }
@@ -2503,6 +2514,7 @@ impl Device {
             && !self.fencing_pending
         {
             self.fencing_pending = true;
+            self.fence_token = self.next_wait_token();
             if self.cfg.fencing == Fencing::ResourceAndStonith {
                 self.frozen = true;
                 self.log("I/O suspended until the fence-peer handler answers".to_string());
@@ -2978,6 +2990,7 @@ impl Device {
                     self.persist_superblock(false);
                     self.resync_handler = Some(ResyncHandlerWait {
                         handler: Handler::BeforeResyncTarget,
+                        token: self.next_wait_token(),
                         conn_gen: self.conn_gen,
                         sync_uuid: u,
                     });
@@ -3250,6 +3263,7 @@ impl Device {
         if self.cfg.before_resync_source {
             self.resync_handler = Some(ResyncHandlerWait {
                 handler: Handler::BeforeResyncSource,
+                token: self.next_wait_token(),
                 conn_gen,
                 sync_uuid: u,
             });
@@ -4640,16 +4654,25 @@ impl Device {
         Ok(())
     }
 
-    /// Whether the device waits for handler `h`'s exit code: the runtime reports it with
-    /// [`Device::handler_done`] (also when no command is configured or it could not run).
-    pub fn wants_exit_code(&self, h: Handler) -> bool {
+    /// Whether the device waits for handler `h`'s exit code, and the token of that wait:
+    /// the runtime reports the code with [`Device::handler_done`] and this token (also when
+    /// no command is configured or it could not run). Handlers run one after the other, so a
+    /// run started for a connection since lost can finish while a newer wait is open; its
+    /// token tells them apart.
+    pub fn wants_exit_code(&self, h: Handler) -> Option<u64> {
         match h {
-            Handler::FencePeer => self.fencing_pending,
-            Handler::BeforeResyncTarget | Handler::BeforeResyncSource => {
-                self.resync_handler.is_some_and(|w| w.handler == h)
-            }
-            _ => false,
+            Handler::FencePeer => self.fencing_pending.then_some(self.fence_token),
+            Handler::BeforeResyncTarget | Handler::BeforeResyncSource => self
+                .resync_handler
+                .filter(|w| w.handler == h)
+                .map(|w| w.token),
+            _ => None,
         }
+    }
+
+    fn next_wait_token(&mut self) -> u64 {
+        self.wait_tokens += 1;
+        self.wait_tokens
     }
 
     /// How many clients hold the device open (the runtime keeps this current).
@@ -4659,8 +4682,15 @@ impl Device {
 
     /// A handler whose answer is wanted finished with `exit_code` (`fence-peer`: 8.4's
     /// contract, exit codes 3 to 7; before-resync-target/-source: 0 lets the resync start).
-    pub fn handler_done(&mut self, now: Duration, h: Handler, exit_code: i32) {
+    pub fn handler_done(&mut self, now: Duration, h: Handler, token: u64, exit_code: i32) {
         self.now = now;
+        if self.wants_exit_code(h) != Some(token) {
+            self.log(format!(
+                "{} helper returned {exit_code} for a wait that is over, ignored",
+                h.name()
+            ));
+            return;
+        }
         if matches!(h, Handler::BeforeResyncTarget | Handler::BeforeResyncSource) {
             self.resync_handler_done(h, exit_code);
             return;
@@ -4730,6 +4760,7 @@ impl Device {
     /// asks again.
     pub fn fence_for_promotion(&mut self) {
         self.fencing_pending = true;
+        self.fence_token = self.next_wait_token();
         self.log("fencing the peer before the promotion".to_string());
     }
 
@@ -4742,7 +4773,8 @@ impl Device {
         exit_code: i32,
         force: bool,
     ) -> Result<(), AdminError> {
-        self.handler_done(now, Handler::FencePeer, exit_code);
+        let token = self.fence_token;
+        self.handler_done(now, Handler::FencePeer, token, exit_code);
         let r = self.promote(force);
         if r == Err(AdminError::State(StateRefusal::PeerNotOutdated)) && force {
             self.log("Forced into split brain situation!".to_string());
