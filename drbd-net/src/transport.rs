@@ -38,7 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use drbd_core::replication::msg::{PeerHello as CorePeerHello, PeerMsg, Socket};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -1301,11 +1301,54 @@ async fn recv_ping(pings: &mut Option<mpsc::Receiver<Packet>>) -> Option<Packet>
     }
 }
 
+/// Payloads from this size on are written from the message's own buffer (a vectored
+/// write) instead of being copied into the batch.
+const ZERO_COPY_MIN: usize = 16 << 10;
+
+/// What one batch writes: small frames copied together, large payloads by reference.
+#[derive(Default)]
+struct Segments {
+    /// Headers and small frames not yet cut into a segment.
+    head: BytesMut,
+    /// Segments in order.
+    segs: Vec<Bytes>,
+    /// Bytes in `head` and `segs`.
+    len: usize,
+}
+
+impl Segments {
+    /// Appends `frame`: its header (and a small payload) to `head`, a large payload as a
+    /// segment of its own, without copying it.
+    fn push(&mut self, frame: &Frame, ctx: &WireContext) -> Result<(), WireError> {
+        let before = self.head.len();
+        let tail = wire::encode_head(frame, ctx, &mut self.head)?;
+        self.len += self.head.len() - before + tail.len();
+        if tail.len() < ZERO_COPY_MIN {
+            self.head.extend_from_slice(&tail);
+        } else {
+            self.cut();
+            self.segs.push(tail);
+        }
+        Ok(())
+    }
+
+    /// Ends the current run of small frames.
+    fn cut(&mut self) {
+        if !self.head.is_empty() {
+            self.segs.push(self.head.split().freeze());
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 /// Waits for something to send, then writes everything queued in batches of about
-/// [`WRITE_BATCH_BYTES`]; a message's share of the queue budget is released once it is
-/// written.
+/// [`WRITE_BATCH_BYTES`] (large payloads by reference, in one vectored write with the
+/// headers); a message's share of the queue budget is released once it is written.
 async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+    let mut out = Segments::default();
     let mut batch: Vec<Outgoing> = Vec::new();
     loop {
         tokio::select! {
@@ -1314,7 +1357,7 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
                 if let (Packet::Ping, Some(b)) = (&p, &w.barriers) {
                     b.wrote_ping(false);
                 }
-                wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
+                out.push(&Frame::for_context(&w.ctx, 0, p), &w.ctx)?;
             }
             item = w.queue.recv() => match item {
                 Some(item) => batch.push(item),
@@ -1327,7 +1370,7 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
                 if let (Packet::Ping, Some(b)) = (&p, &w.barriers) {
                     b.wrote_ping(false);
                 }
-                wire::encode(&Frame::for_context(&w.ctx, 0, p), &w.ctx, &mut buf)?;
+                out.push(&Frame::for_context(&w.ctx, 0, p), &w.ctx)?;
             }
         }
         let mut queued: usize = batch.iter().map(|o| o.bytes).sum();
@@ -1345,29 +1388,31 @@ async fn write_loop(mut w: Writer) -> Result<Infallible, ConnectError> {
                 b.wrote_ping(true);
             }
             // `encode_msg` checked every frame under this context when it was queued.
-            wire::encode(frame, &w.ctx, &mut buf)?;
-            if buf.len() >= WRITE_BATCH_BYTES {
-                flush(&mut w, &buf).await?;
-                buf.clear();
+            out.push(frame, &w.ctx)?;
+            if out.len >= WRITE_BATCH_BYTES {
+                flush(&mut w, &mut out).await?;
             }
         }
-        if !buf.is_empty() {
-            flush(&mut w, &buf).await?;
-            buf.clear();
+        if !out.is_empty() {
+            flush(&mut w, &mut out).await?;
         }
         // Releases the budget of everything written.
         batch.clear();
     }
 }
 
-async fn flush(w: &mut Writer, buf: &[u8]) -> Result<(), ConnectError> {
+/// Writes the segments in order and empties `out`.
+async fn flush(w: &mut Writer, out: &mut Segments) -> Result<(), ConnectError> {
+    out.cut();
+    let segs = std::mem::take(&mut out.segs);
+    out.len = 0;
     match (w.send_timeout, &w.ctrl) {
-        (Some(limit), _) => timeout(limit, w.stream.write_all(buf))
+        (Some(limit), _) => timeout(limit, write_segments(&mut w.stream, segs))
             .await
             .map_err(|_| ConnectError::Timeout("meta socket send timed out"))?
             .map_err(ConnectError::from),
-        (None, Some(ctrl)) => write_watched(&w.stream, buf, ctrl, w.origin).await,
-        (None, None) => Ok(w.stream.write_all(buf).await?),
+        (None, Some(ctrl)) => write_watched(&w.stream, segs, ctrl, w.origin).await,
+        (None, None) => Ok(write_segments(&mut w.stream, segs).await?),
     }
     .map_err(|e| match e {
         ConnectError::Io(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
@@ -1377,23 +1422,137 @@ async fn flush(w: &mut Writer, buf: &[u8]) -> Result<(), ConnectError> {
     })
 }
 
-/// Writes all of `buf`, telling the keep-alive loop while the socket takes no data: a write
-/// that makes no progress for `timeout` costs one ko-count (see [`KeepAlive`]).
+/// The unwritten part of `segs` from segment `first`, byte `skip` of it, as I/O slices.
+fn slices(segs: &[Bytes], first: usize, skip: usize) -> Vec<std::io::IoSlice<'_>> {
+    segs.iter()
+        .skip(first)
+        .enumerate()
+        .map(|(k, b)| std::io::IoSlice::new(if k == 0 { &b[skip..] } else { &b[..] }))
+        .take(MAX_IOVECS)
+        .collect()
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    #[test]
+    fn advancing_over_written_bytes_skips_whole_and_partial_segments() {
+        let segs: Vec<Bytes> = [&b"abc"[..], b"", b"defgh", b"i"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        let (mut first, mut skip) = (0, 0);
+        let joined = |f: usize, k: usize| -> Vec<u8> {
+            slices(&segs, f, k)
+                .iter()
+                .flat_map(|s| s.to_vec())
+                .collect()
+        };
+        assert_eq!(joined(first, skip), b"abcdefghi");
+        advance(&segs, &mut first, &mut skip, 2);
+        assert_eq!(joined(first, skip), b"cdefghi");
+        // Past the end of "abc": the empty segment is skipped too.
+        advance(&segs, &mut first, &mut skip, 1);
+        assert_eq!((first, skip), (2, 0));
+        advance(&segs, &mut first, &mut skip, 4);
+        assert_eq!(joined(first, skip), b"hi");
+        advance(&segs, &mut first, &mut skip, 2);
+        assert_eq!(first, segs.len());
+    }
+
+    #[test]
+    fn large_payloads_stay_segments_small_ones_are_copied() {
+        let ctx = WireContext {
+            integrity_digest_len: 0,
+            features: 0,
+            protocol_version: 101,
+            integrity: None,
+        };
+        let data = |len: usize| {
+            let p = Packet::Data(wire::DataPacket {
+                sector: 0,
+                block_id: wire::BlockId([0; 8]),
+                seq_num: 1,
+                dp_flags: 0,
+                digest: Bytes::new(),
+                data: Bytes::from(vec![7u8; len]),
+            });
+            Frame::for_context(&ctx, 0, p)
+        };
+        let mut out = Segments::default();
+        out.push(&data(4096), &ctx).expect("encodes");
+        out.push(&data(1 << 20), &ctx).expect("encodes");
+        out.push(&data(512), &ctx).expect("encodes");
+        out.cut();
+        // [header + 4 KiB, header], [1 MiB], [header + 512]
+        assert_eq!(out.segs.len(), 3);
+        assert_eq!(out.segs[1].len(), 1 << 20);
+        let total: usize = out.segs.iter().map(Bytes::len).sum();
+        assert_eq!(total, out.len);
+        // The same bytes as encoding each frame whole.
+        let mut whole = BytesMut::new();
+        for len in [4096, 1 << 20, 512] {
+            wire::encode(&data(len), &ctx, &mut whole).expect("encodes");
+        }
+        let joined: Vec<u8> = out.segs.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(joined, whole.to_vec());
+    }
+}
+
+/// Most I/O slices per write (below the kernel's `IOV_MAX`, 1024).
+const MAX_IOVECS: usize = 512;
+
+/// Moves the position (`first`, `skip`) past `n` written bytes.
+fn advance(segs: &[Bytes], first: &mut usize, skip: &mut usize, mut n: usize) {
+    while n > 0 && *first < segs.len() {
+        let left = segs[*first].len() - *skip;
+        if n >= left {
+            n -= left;
+            *first += 1;
+            *skip = 0;
+        } else {
+            *skip += n;
+            n = 0;
+        }
+    }
+    // Empty segments never stay in front.
+    while *first < segs.len() && segs[*first].len() == *skip {
+        *first += 1;
+        *skip = 0;
+    }
+}
+
+async fn write_segments(stream: &mut OwnedWriteHalf, segs: Vec<Bytes>) -> std::io::Result<()> {
+    let (mut first, mut skip) = (0, 0);
+    advance(&segs, &mut first, &mut skip, 0);
+    while first < segs.len() {
+        let n = stream.write_vectored(&slices(&segs, first, skip)).await?;
+        if n == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+        }
+        advance(&segs, &mut first, &mut skip, n);
+    }
+    Ok(())
+}
+
 async fn write_watched(
     w: &OwnedWriteHalf,
-    mut buf: &[u8],
+    segs: Vec<Bytes>,
     ctrl: &mpsc::Sender<Ctrl>,
     origin: Instant,
 ) -> Result<(), ConnectError> {
     let now = || Duration::from_nanos(nanos_since(origin));
     let mut waiting = false;
-    while !buf.is_empty() {
-        match w.try_write(buf) {
+    let (mut first, mut skip) = (0, 0);
+    advance(&segs, &mut first, &mut skip, 0);
+    while first < segs.len() {
+        match w.try_write_vectored(&slices(&segs, first, skip)) {
             Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
             Ok(n) => {
-                buf = buf.get(n..).unwrap_or_default();
+                advance(&segs, &mut first, &mut skip, n);
                 // Progress restarts the clock (and refills ko-count).
-                if waiting && !buf.is_empty() {
+                if waiting && first < segs.len() {
                     let _ = ctrl.send(Ctrl::SendWaiting(now())).await;
                 }
             }
