@@ -1432,74 +1432,6 @@ fn slices(segs: &[Bytes], first: usize, skip: usize) -> Vec<std::io::IoSlice<'_>
         .collect()
 }
 
-#[cfg(test)]
-mod segment_tests {
-    use super::*;
-
-    #[test]
-    fn advancing_over_written_bytes_skips_whole_and_partial_segments() {
-        let segs: Vec<Bytes> = [&b"abc"[..], b"", b"defgh", b"i"]
-            .into_iter()
-            .map(Bytes::from_static)
-            .collect();
-        let (mut first, mut skip) = (0, 0);
-        let joined = |f: usize, k: usize| -> Vec<u8> {
-            slices(&segs, f, k)
-                .iter()
-                .flat_map(|s| s.to_vec())
-                .collect()
-        };
-        assert_eq!(joined(first, skip), b"abcdefghi");
-        advance(&segs, &mut first, &mut skip, 2);
-        assert_eq!(joined(first, skip), b"cdefghi");
-        // Past the end of "abc": the empty segment is skipped too.
-        advance(&segs, &mut first, &mut skip, 1);
-        assert_eq!((first, skip), (2, 0));
-        advance(&segs, &mut first, &mut skip, 4);
-        assert_eq!(joined(first, skip), b"hi");
-        advance(&segs, &mut first, &mut skip, 2);
-        assert_eq!(first, segs.len());
-    }
-
-    #[test]
-    fn large_payloads_stay_segments_small_ones_are_copied() {
-        let ctx = WireContext {
-            integrity_digest_len: 0,
-            features: 0,
-            protocol_version: 101,
-            integrity: None,
-        };
-        let data = |len: usize| {
-            let p = Packet::Data(wire::DataPacket {
-                sector: 0,
-                block_id: wire::BlockId([0; 8]),
-                seq_num: 1,
-                dp_flags: 0,
-                digest: Bytes::new(),
-                data: Bytes::from(vec![7u8; len]),
-            });
-            Frame::for_context(&ctx, 0, p)
-        };
-        let mut out = Segments::default();
-        out.push(&data(4096), &ctx).expect("encodes");
-        out.push(&data(1 << 20), &ctx).expect("encodes");
-        out.push(&data(512), &ctx).expect("encodes");
-        out.cut();
-        // [header + 4 KiB, header], [1 MiB], [header + 512]
-        assert_eq!(out.segs.len(), 3);
-        assert_eq!(out.segs[1].len(), 1 << 20);
-        let total: usize = out.segs.iter().map(Bytes::len).sum();
-        assert_eq!(total, out.len);
-        // The same bytes as encoding each frame whole.
-        let mut whole = BytesMut::new();
-        for len in [4096, 1 << 20, 512] {
-            wire::encode(&data(len), &ctx, &mut whole).expect("encodes");
-        }
-        let joined: Vec<u8> = out.segs.iter().flat_map(|b| b.to_vec()).collect();
-        assert_eq!(joined, whole.to_vec());
-    }
-}
-
 /// Most I/O slices per write (below the kernel's `IOV_MAX`, 1024).
 const MAX_IOVECS: usize = 512;
 
@@ -1674,5 +1606,73 @@ async fn keep_alive(
             }
             _ => false,
         });
+    }
+}
+
+#[cfg(test)]
+mod segment_tests {
+    use super::*;
+
+    #[test]
+    fn advancing_over_written_bytes_skips_whole_and_partial_segments() {
+        let segs: Vec<Bytes> = [&b"abc"[..], b"", b"defgh", b"i"]
+            .into_iter()
+            .map(Bytes::from_static)
+            .collect();
+        let (mut first, mut skip) = (0, 0);
+        let joined = |f: usize, k: usize| -> Vec<u8> {
+            slices(&segs, f, k)
+                .iter()
+                .flat_map(|s| s.to_vec())
+                .collect()
+        };
+        assert_eq!(joined(first, skip), b"abcdefghi");
+        advance(&segs, &mut first, &mut skip, 2);
+        assert_eq!(joined(first, skip), b"cdefghi");
+        // Past the end of "abc": the empty segment is skipped too.
+        advance(&segs, &mut first, &mut skip, 1);
+        assert_eq!((first, skip), (2, 0));
+        advance(&segs, &mut first, &mut skip, 4);
+        assert_eq!(joined(first, skip), b"hi");
+        advance(&segs, &mut first, &mut skip, 2);
+        assert_eq!(first, segs.len());
+    }
+
+    #[test]
+    fn large_payloads_stay_segments_small_ones_are_copied() {
+        let ctx = WireContext {
+            integrity_digest_len: 0,
+            features: 0,
+            protocol_version: 101,
+            integrity: None,
+        };
+        let data = |len: usize| {
+            let p = Packet::Data(wire::DataPacket {
+                sector: 0,
+                block_id: wire::BlockId([0; 8]),
+                seq_num: 1,
+                dp_flags: 0,
+                digest: Bytes::new(),
+                data: Bytes::from(vec![7u8; len]),
+            });
+            Frame::for_context(&ctx, 0, p)
+        };
+        let mut out = Segments::default();
+        out.push(&data(4096), &ctx).expect("encodes");
+        out.push(&data(1 << 20), &ctx).expect("encodes");
+        out.push(&data(512), &ctx).expect("encodes");
+        out.cut();
+        // [header + 4 KiB, header], [1 MiB], [header + 512]
+        assert_eq!(out.segs.len(), 3);
+        assert_eq!(out.segs[1].len(), 1 << 20);
+        let total: usize = out.segs.iter().map(Bytes::len).sum();
+        assert_eq!(total, out.len);
+        // The same bytes as encoding each frame whole.
+        let mut whole = BytesMut::new();
+        for len in [4096, 1 << 20, 512] {
+            wire::encode(&data(len), &ctx, &mut whole).expect("encodes");
+        }
+        let joined: Vec<u8> = out.segs.iter().flat_map(|b| b.to_vec()).collect();
+        assert_eq!(joined, whole.to_vec());
     }
 }
