@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drbd_cli::adm::Io;
 use drbd_cli::daemon::host::load_config;
 use drbd_cli::runtime::replica_config;
 use drbd_core::config::model::ResourceModel;
@@ -21,6 +20,7 @@ use drbd_core::state::{ConnState, DiskState};
 use drbd_net::replica::Replica;
 
 use crate::target::{NetLink, RawDisks, ReplicaTarget, Target};
+use crate::tools::drbdadm;
 
 /// Room for the internal metadata at the end of each backing file.
 const META_ROOM: u64 = 64 << 20;
@@ -61,26 +61,6 @@ fn config(dir: &Path, port: u16, extra_net: &str) -> String {
          }}\n",
         p1 = port + 1
     )
-}
-
-/// `drbdadm ARGS` in this process.
-fn drbdadm(args: &[&str]) -> Result<(), String> {
-    let argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut stdin = std::io::empty();
-    let mut io = Io {
-        stdout: &mut out,
-        stderr: &mut err,
-        stdin: &mut stdin,
-        interactive: false,
-    };
-    match drbd_cli::adm::run(&argv, &mut io) {
-        0 => Ok(()),
-        code => Err(format!(
-            "drbdadm {args:?} exited {code}: {}",
-            String::from_utf8_lossy(&err)
-        )),
-    }
 }
 
 async fn start(conf: &Path, node: &str, resource: &str) -> Result<Arc<Replica>, String> {

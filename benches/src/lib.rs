@@ -6,6 +6,7 @@
 //! * [`target`]: what a workload writes to, one type per state.
 //! * [`workload`]: the workloads (T1, T2, I1, L1, L2) and their driver.
 //! * [`bed`]: the files, volumes and link of one backing kind, and the resync (R1).
+//! * [`tools`]: drbdadm in this process, fio's JSON report.
 //! * [`memory`]: the resident size of two `drbdd` on a 100 GiB device under T1 (M1).
 //!
 //! `cargo bench -p benches` runs the Criterion benches (`benches/`); the `summary` binary
@@ -15,4 +16,5 @@ pub mod bed;
 pub mod core_pair;
 pub mod memory;
 pub mod target;
+pub mod tools;
 pub mod workload;

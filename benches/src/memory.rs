@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drbd_cli::adm::Io;
+use crate::tools::{drbdadm as adm, fio_write_report};
 
 /// Device size: 100 GiB.
 pub const DEVICE: u64 = 100 << 30;
@@ -22,25 +22,6 @@ pub struct Memory {
     pub limit: u64,
     /// Bytes fio wrote.
     pub written: u64,
-}
-
-/// `drbdadm ARGS` in this process; returns stdout.
-fn adm(args: &[String]) -> Result<String, String> {
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let mut stdin = std::io::empty();
-    let mut io = Io {
-        stdout: &mut out,
-        stderr: &mut err,
-        stdin: &mut stdin,
-        interactive: false,
-    };
-    match drbd_cli::adm::run(args, &mut io) {
-        0 => Ok(String::from_utf8_lossy(&out).into_owned()),
-        code => Err(format!(
-            "drbdadm {args:?} exited {code}: {}",
-            String::from_utf8_lossy(&err)
-        )),
-    }
 }
 
 /// A daemon that is stopped (SIGTERM, then SIGKILL) when dropped.
@@ -168,28 +149,18 @@ pub fn measure(drbdd: &Path, parent: &Path, port: u16, time: Duration) -> Result
         "nbd+unix:///r0?socket={}",
         d.join("alpha").join("r0.nbd").display()
     );
-    let out = Command::new("fio")
-        .args([
-            "--name=m1",
-            "--ioengine=nbd",
-            &format!("--uri={uri}"),
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=16",
-            "--size=100G",
-            "--time_based",
-            &format!("--runtime={}ms", time.as_millis()),
-            "--output-format=json",
-        ])
-        .output()
-        .map_err(|e| format!("fio: {e}"))?;
-    if !out.status.success() {
-        return Err(format!("fio: {}", String::from_utf8_lossy(&out.stderr)));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let json = &text[text.find('{').ok_or("fio printed no JSON")?..];
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let written = v["jobs"][0]["write"]["io_bytes"].as_u64().unwrap_or(0);
+    let report = fio_write_report(&[
+        "--name=m1".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--rw=write".to_string(),
+        "--bs=1M".to_string(),
+        "--iodepth=16".to_string(),
+        "--size=100G".to_string(),
+        "--time_based".to_string(),
+        format!("--runtime={}ms", time.as_millis()),
+    ])?;
+    let written = report["io_bytes"].as_u64().unwrap_or(0);
     let peak = [vm_hwm(daemons[0].0.id())?, vm_hwm(daemons[1].0.id())?];
     let limit = (64 << 20) + DEVICE / (1 << 30) * (32 << 10) + MAX_BUFFERS * 4096;
     drop(daemons);

@@ -28,8 +28,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use benches::bed::{Bed, State};
-use benches::memory;
 use benches::workload::{self, median, Run, Workload};
+use benches::{memory, tools};
 use drbd_net::nbd::NbdServer;
 
 struct Opts {
@@ -133,36 +133,23 @@ fn fio_nbd(socket: &Path, w: &Workload, region: u64, opts: &Opts) -> Result<Fig,
         workload::Pattern::Sequential => "write",
         workload::Pattern::Random => "randwrite",
     };
-    let mut c = Command::new("fio");
-    c.args([
-        "--name=nbd",
-        "--ioengine=nbd",
-        &format!("--uri={uri}"),
-        &format!("--rw={rw}"),
-        &format!("--bs={}", w.block),
-        &format!("--iodepth={}", w.depth),
-        &format!("--size={region}"),
-        "--time_based",
-        &format!("--runtime={}ms", opts.time.as_millis()),
-        &format!("--ramp_time={}ms", opts.ramp.as_millis()),
-        "--randrepeat=0",
-        "--output-format=json",
-    ]);
+    let mut args = vec![
+        "--name=nbd".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        format!("--rw={rw}"),
+        format!("--bs={}", w.block),
+        format!("--iodepth={}", w.depth),
+        format!("--size={region}"),
+        "--time_based".to_string(),
+        format!("--runtime={}ms", opts.time.as_millis()),
+        format!("--ramp_time={}ms", opts.ramp.as_millis()),
+        "--randrepeat=0".to_string(),
+    ];
     if w.flush_each {
-        c.arg("--fsync=1");
+        args.push("--fsync=1".to_string());
     }
-    let out = c.output().map_err(|e| format!("fio: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "fio: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    // fio may print notes before the JSON document.
-    let json = &text[text.find('{').ok_or("fio printed no JSON")?..];
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|e| e.to_string())?;
-    let job = &v["jobs"][0]["write"];
+    let job = &tools::fio_write_report(&args)?;
     let bw = job["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6;
     let iops = job["iops"].as_f64().unwrap_or(0.0);
     let pct = |p: &str| job["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
