@@ -616,16 +616,7 @@ impl Sim {
         let now = self.now;
         self.at(now, Ev::Submit { node: 0 });
         self.at(now, Ev::Submit { node: 1 });
-        let mut steps = 0u64;
-        while self.step() {
-            steps += 1;
-            if steps > 5_000_000 {
-                return Err("no quiescence after 5 million events".into());
-            }
-            if let Some(f) = self.failure.take() {
-                return Err(f);
-            }
-        }
+        self.settle()?;
         if let Some(f) = self.failure.take() {
             return Err(f);
         }
