@@ -850,10 +850,9 @@ pub struct Device {
     /// The resync about to start resolves a split brain: report the diverged regions when
     /// the bitmaps are merged.
     sb_report: bool,
-    /// `fence-peer` runs; its exit code is awaited.
-    fencing_pending: bool,
-    /// The token of the fence-peer run awaited (see [`Device::wants_exit_code`]).
-    fence_token: u64,
+    /// `fence-peer` runs and its exit code is awaited: the token of that wait (see
+    /// [`Device::wants_exit_code`]).
+    fence_wait: Option<u64>,
     /// Source of handler-wait tokens.
     wait_tokens: u64,
     /// Application I/O is frozen (resource-and-stonith, until fence-peer's answer).
@@ -1028,8 +1027,7 @@ impl Device {
             verify: None,
             state_request: None,
             sb_report: false,
-            fencing_pending: false,
-            fence_token: 0,
+            fence_wait: None,
             wait_tokens: 0,
             frozen: false,
             openers: 0,
@@ -2243,7 +2241,7 @@ impl Device {
         self.seq_held.clear();
         // The peer is back: fencing is moot (8.4 ignores the handler's late answer), and a
         // later loss must fence again.
-        self.fencing_pending = false;
+        self.fence_wait = None;
         if self.frozen {
             self.frozen = false;
             self.log("I/O resumed: the peer is connected again".to_string());
@@ -2511,10 +2509,9 @@ impl Device {
             && self.role == Role::Primary
             && peer_may_be_good
             && self.disk >= DiskState::Consistent
-            && !self.fencing_pending
+            && self.fence_wait.is_none()
         {
-            self.fencing_pending = true;
-            self.fence_token = self.next_wait_token();
+            self.fence_wait = Some(self.next_wait_token());
             if self.cfg.fencing == Fencing::ResourceAndStonith {
                 self.frozen = true;
                 self.log("I/O suspended until the fence-peer handler answers".to_string());
@@ -4661,7 +4658,7 @@ impl Device {
     /// token tells them apart.
     pub fn wants_exit_code(&self, h: Handler) -> Option<u64> {
         match h {
-            Handler::FencePeer => self.fencing_pending.then_some(self.fence_token),
+            Handler::FencePeer => self.fence_wait,
             Handler::BeforeResyncTarget | Handler::BeforeResyncSource => self
                 .resync_handler
                 .filter(|w| w.handler == h)
@@ -4695,7 +4692,7 @@ impl Device {
             self.resync_handler_done(h, exit_code);
             return;
         }
-        if h != Handler::FencePeer || !std::mem::take(&mut self.fencing_pending) {
+        if h != Handler::FencePeer || self.fence_wait.take().is_none() {
             return;
         }
         if self.connected {
@@ -4759,8 +4756,7 @@ impl Device {
     /// fence-peer handler itself, waits for it, reports with [`Device::handler_done`] and
     /// asks again.
     pub fn fence_for_promotion(&mut self) {
-        self.fencing_pending = true;
-        self.fence_token = self.next_wait_token();
+        self.fence_wait = Some(self.next_wait_token());
         self.log("fencing the peer before the promotion".to_string());
     }
 
@@ -4773,7 +4769,8 @@ impl Device {
         exit_code: i32,
         force: bool,
     ) -> Result<(), AdminError> {
-        let token = self.fence_token;
+        // Tokens start at 1: without a wait, the answer is logged as late and ignored.
+        let token = self.fence_wait.unwrap_or(0);
         self.handler_done(now, Handler::FencePeer, token, exit_code);
         let r = self.promote(force);
         if r == Err(AdminError::State(StateRefusal::PeerNotOutdated)) && force {
