@@ -56,7 +56,8 @@
 //!    changes nothing (the Primary holds every acknowledged write). A failover under protocol
 //!    A or B may lose what the new Primary never received: the expectation is rebased to the
 //!    new Primary's data then; under protocol C the new Primary must hold every acknowledged
-//!    write. An old Primary must resync as SyncTarget.
+//!    write. An old Primary must resync as SyncTarget; the node holding the newest data (the
+//!    last one promoted) never becomes WFBitMapT or SyncTarget.
 //!
 //! # Running
 //!
@@ -660,6 +661,8 @@ struct Link {
     resolver: usize,
     /// Extra latency per stream until the given time (delay spike).
     slow: [(Duration, Duration); STREAMS],
+    /// Writes delivered on each stream since its last barrier (`max-epoch-size`).
+    epoch_writes: [u32; STREAMS],
 }
 
 #[derive(Debug, Clone)]
@@ -1121,6 +1124,16 @@ impl Sim {
             let source = [ConnState::WfBitMapS, ConnState::SyncSource]
                 .iter()
                 .any(|c| c.name() == to);
+            // The node holding the newest data never receives a resync (outside a pending
+            // failover, which moves the newest data to its peer).
+            let target = [ConnState::WfBitMapT, ConnState::SyncTarget]
+                .iter()
+                .any(|c| c.name() == to);
+            if target && n == self.primary && self.promoted_once && self.failover_to.is_none() {
+                self.fail(format!(
+                    "resync in the wrong direction: {name}, holding the newest data, becomes {to}"
+                ));
+            }
             if self.nodes[n].must_be_target && source {
                 self.fail(format!(
                     "resync in the wrong direction: {name}, the old Primary after a failover, \
@@ -1333,10 +1346,39 @@ impl Sim {
         }
         let (_, msg) = link.streams[st].pop_front().expect("checked");
         let name = msg.name();
+        // Checker: no epoch holds more writes than max-epoch-size.
+        match &msg {
+            PeerMsg::Data { .. } | PeerMsg::Trim { .. } => link.epoch_writes[st] += 1,
+            PeerMsg::Barrier { .. } => link.epoch_writes[st] = 0,
+            _ => {}
+        }
+        let epoch_writes = link.epoch_writes[st];
+        let payload_pages = match &msg {
+            PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
+                (data.len() as u64).div_ceil(4096)
+            }
+            _ => 0,
+        };
         let dev = self.nodes[to].dev.as_mut().expect("alive");
-        if let Err(e) = dev.received(now, msg) {
-            let who = self.nodes[to].name;
+        let result = dev.received(now, msg);
+        let held = dev.peer_pages();
+        let who = self.nodes[to].name;
+        if let Err(e) = result {
             self.fail(format!("{who}: {name}: {e}"));
+        }
+        if epoch_writes > self.p.max_epoch_size {
+            self.fail(format!(
+                "{who} received {epoch_writes} writes in one epoch (max-epoch-size {})",
+                self.p.max_epoch_size
+            ));
+        }
+        // Checker: the receiver holds at most max-buffers pages of peer writes, plus the
+        // one it read last (its size was unknown until read).
+        if held + 1 > u64::from(self.p.max_buffers) + payload_pages.max(1) {
+            self.fail(format!(
+                "{who} holds {held} pages of peer writes (max-buffers {})",
+                self.p.max_buffers
+            ));
         }
     }
 
@@ -1405,6 +1447,7 @@ impl Sim {
             hello,
             resolver,
             slow: [(Duration::ZERO, Duration::ZERO); STREAMS],
+            epoch_writes: [0; STREAMS],
         });
         let d = self.rng.us(100, 20_000);
         self.after(d, Ev::Handshake { link: id });

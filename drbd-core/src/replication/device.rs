@@ -536,6 +536,16 @@ struct PeerWrite {
     restart: bool,
 }
 
+impl PeerWrite {
+    /// 4 KiB pages its payload occupies (`max-buffers`); discards and zeroes carry none.
+    fn pages(&self) -> u64 {
+        match &self.op {
+            DiskOp::Write { data, .. } => (data.len() as u64).div_ceil(4096),
+            _ => 0,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct RecvEpoch {
     id: u64,
@@ -827,6 +837,9 @@ pub struct Device {
     next_recv_epoch: u64,
     peer_writes_in_flight: HashMap<IoId, (u64, u64)>,
     peer_waiting: VecDeque<PeerWrite>,
+    /// 4 KiB pages of the peer writes held (waiting or in flight): what `max-buffers`
+    /// bounds, as 8.4 counts the receiver's pages.
+    peer_pages: u64,
     rs_reads_waiting: VecDeque<PeerRead>,
     peer_reads_in_flight: HashMap<IoId, (u64, u64)>,
     /// SyncTarget: resync writes done but not yet flushed (sector, sectors).
@@ -1013,6 +1026,7 @@ impl Device {
             next_recv_epoch: 0,
             peer_writes_in_flight: HashMap::new(),
             peer_waiting: VecDeque::new(),
+            peer_pages: 0,
             rs_reads_waiting: VecDeque::new(),
             peer_reads_in_flight: HashMap::new(),
             rs_unflushed: Vec::new(),
@@ -1106,7 +1120,26 @@ impl Device {
     /// Whether another peer write may be accepted now (`max-buffers`); when not, the runtime
     /// stops reading from the data socket until disk completions arrive.
     pub fn can_receive(&self) -> bool {
-        (self.peer_writes_in_flight.len() + self.peer_waiting.len()) < self.cfg.max_buffers as usize
+        debug_assert_eq!(self.peer_pages, self.peer_pages_recounted());
+        // One write may take the count past the limit (its size is known only once read),
+        // as 8.4's receiver may allocate past max-buffers for the packet it is reading.
+        self.peer_pages < u64::from(self.cfg.max_buffers)
+    }
+    /// 4 KiB pages held by peer writes (`max-buffers` counts these).
+    pub fn peer_pages(&self) -> u64 {
+        self.peer_pages
+    }
+    fn peer_pages_recounted(&self) -> u64 {
+        let flight: u64 = self
+            .ios
+            .values()
+            .map(|p| match p {
+                IoPurpose::PeerWrite(w) => w.pages(),
+                _ => 0,
+            })
+            .sum();
+        let waiting: u64 = self.peer_waiting.iter().map(|w| w.pages()).sum();
+        flight + waiting
     }
     /// The current connection generation (incremented by every [`Device::connected`]).
     pub fn conn_gen(&self) -> u64 {
@@ -2577,6 +2610,8 @@ impl Device {
         self.state_request = None;
         // Peer writes not yet applied were not acknowledged: the peer marks them out of
         // sync. Those waiting for a conflict decision would wait for good.
+        let dropped: u64 = self.peer_waiting.iter().map(|w| w.pages()).sum();
+        self.peer_pages -= dropped;
         self.peer_waiting.clear();
         self.seq_held.clear();
         self.answered_open.clear();
@@ -3545,6 +3580,7 @@ impl Device {
             conn_gen: self.conn_gen,
             restart: false,
         };
+        self.peer_pages += w.pages();
         self.peer_waiting.push_back(w);
         self.pump_peer_writes();
     }
@@ -3645,6 +3681,8 @@ impl Device {
     /// `superseded_by`: the local write covering it (`P_SUPERSEDED`), or None
     /// (`P_RETRY_WRITE`).
     fn answer_conflict(&mut self, w: PeerWrite, superseded_by: Option<ReqId>) {
+        // Taken from the waiting queue and answered without a disk write.
+        self.peer_pages -= w.pages();
         let retry = superseded_by.is_none();
         self.log(format!(
             "Concurrent writes detected: remote={}s+{}, {}",
@@ -3786,6 +3824,7 @@ impl Device {
 
     fn peer_write_done(&mut self, io: IoId, w: PeerWrite, ok: bool) {
         self.peer_writes_in_flight.remove(&io);
+        self.peer_pages -= w.pages();
         if ok {
             self.written += w.sectors;
         }
