@@ -67,6 +67,16 @@ const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
 /// requests (back-pressure towards the application instead of unbounded queueing).
 const OUTBOX_HIGH_BYTES: usize = 16 << 20;
 
+/// The outbox's high mark for a `sndbuf-size`: an operator who bounds the send buffer bounds
+/// what waits in front of it too (at least one request of the largest size, so that
+/// requests still flow); unset (0, auto-tuning) leaves [`OUTBOX_HIGH_BYTES`].
+fn outbox_high_bytes(sndbuf_size: Option<u32>) -> usize {
+    match sndbuf_size.filter(|&s| s > 0) {
+        Some(s) => (s as usize).clamp(MAX_REQUEST_BYTES as usize, OUTBOX_HIGH_BYTES),
+        None => OUTBOX_HIGH_BYTES,
+    }
+}
+
 /// Where the meta data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetaLocation {
@@ -676,9 +686,10 @@ impl Actor {
             .expect("the actor runs once with its handler channel");
         loop {
             let receive = self.dev.can_receive() && self.session.is_some();
+            let outbox_high = outbox_high_bytes(self.net_cfg.as_ref().and_then(|c| c.sndbuf_size));
             let accept = self.shutting_down.is_none()
                 && self.pending_detach.is_none()
-                && self.outbox_bytes.load(Ordering::Relaxed) < OUTBOX_HIGH_BYTES;
+                && self.outbox_bytes.load(Ordering::Relaxed) < outbox_high;
             tokio::select! {
                 c = completions.recv() => match c {
                     Some(c) => self.completion(c),

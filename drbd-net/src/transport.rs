@@ -67,6 +67,19 @@ const FIRST_PACKET_TIMEOUT_MIN: Duration = Duration::from_secs(2);
 /// largest writes: enough to keep the socket busy, little enough to keep the latency of a
 /// write queued behind others low (the kernel's send buffer comes on top).
 pub const DATA_QUEUE_BYTES: usize = 4 << 20;
+/// The data queue's budget at least, when `sndbuf-size` makes it smaller.
+pub const DATA_QUEUE_MIN_BYTES: usize = 64 << 10;
+
+/// The data queue's byte budget for a `sndbuf-size`: an operator who sets the send buffer
+/// bounds what is on its way to the peer, so the queue in front of the socket holds no more
+/// than the socket buffer itself (within [`DATA_QUEUE_MIN_BYTES`] ..= [`DATA_QUEUE_BYTES`]);
+/// unset (0, the kernel's auto-tuning) leaves [`DATA_QUEUE_BYTES`].
+pub fn data_queue_bytes(sndbuf_size: Option<u32>) -> usize {
+    match sndbuf_size.filter(|&s| s > 0) {
+        Some(s) => (s as usize).clamp(DATA_QUEUE_MIN_BYTES, DATA_QUEUE_BYTES),
+        None => DATA_QUEUE_BYTES,
+    }
+}
 /// Bytes queued for the meta socket at most: acknowledgements are 40 bytes (h100), so this
 /// is thousands of them.
 pub const META_QUEUE_BYTES: usize = 256 << 10;
@@ -1013,7 +1026,7 @@ async fn connected(
     let volume = setup.as_ref().map_or(0, |s| s.volume);
     let bitmap_bits = setup.as_ref().map_or(0, |s| s.bitmap_bits);
     let epoch = setup.as_ref().map_or(0, |s| s.epoch);
-    let (data_q, data_rx) = Queue::new(DATA_QUEUE_BYTES);
+    let (data_q, data_rx) = Queue::new(data_queue_bytes(cfg.sndbuf_size));
     let (meta_q, meta_rx) = Queue::new(META_QUEUE_BYTES);
     let route = Arc::new(Route {
         epoch,

@@ -15,8 +15,8 @@ use drbd_net::handshake::{
     PROTOCOL_MAX, PROTOCOL_MIN,
 };
 use drbd_net::transport::{
-    ConnState, Connection, HelloSource, PeerConfig, SendError, SessionEvent, SessionSender,
-    DATA_QUEUE_BYTES,
+    data_queue_bytes, ConnState, Connection, HelloSource, PeerConfig, SendError, SessionEvent,
+    SessionSender, DATA_QUEUE_BYTES, DATA_QUEUE_MIN_BYTES,
 };
 use drbd_net::wire::{
     self, ConnState as WireConn, Decoder, DiskState, Frame, Packet, Role, Sizes, State, SyncParam,
@@ -407,6 +407,48 @@ async fn read_frame(
 
 /// Accepts our node's two connections and runs the handshake as the peer; returns the data
 /// and meta sockets and the agreed context.
+/// The send buffers (`ss`'s `tb`, bytes) of the established TCP sockets to `port` on this
+/// machine, sorted.
+fn send_buffers_to(port: u16) -> Vec<u64> {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tmnH",
+            "state",
+            "established",
+            "dport",
+            "=",
+            &format!(":{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2) runs");
+    assert!(
+        out.status.success(),
+        "ss: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut sizes: Vec<u64> = text
+        .split(|c: char| c == ',' || c == '(' || c == ')' || c.is_whitespace())
+        .filter_map(|f| f.strip_prefix("tb"))
+        .map(|v| v.parse().expect("a number after tb"))
+        .collect();
+    sizes.sort_unstable();
+    sizes
+}
+
+#[test]
+fn the_data_queue_follows_sndbuf_size() {
+    assert_eq!(data_queue_bytes(None), DATA_QUEUE_BYTES);
+    assert_eq!(
+        data_queue_bytes(Some(0)),
+        DATA_QUEUE_BYTES,
+        "0 is auto-tuning"
+    );
+    assert_eq!(data_queue_bytes(Some(512 << 10)), 512 << 10);
+    assert_eq!(data_queue_bytes(Some(4 << 10)), DATA_QUEUE_MIN_BYTES);
+    assert_eq!(data_queue_bytes(Some(64 << 20)), DATA_QUEUE_BYTES);
+}
+
 async fn fake_handshake(listener: &TcpListener) -> (TcpStream, TcpStream, WireContext) {
     let mut data = None;
     let mut meta = None;
@@ -539,6 +581,14 @@ async fn a_peer_that_stops_reading_blocks_senders_and_uses_up_ko_count() {
     let (_data, meta, ctx) = fake_handshake(&fake).await;
     let pinger = answer_pings(meta, ctx);
     let (epoch, ..) = connected(&mut a.events).await;
+    // sndbuf-size reached the kernel: both sockets have a fixed send buffer of that size
+    // (the kernel reports twice the value set, its bookkeeping overhead included).
+    let buffers = send_buffers_to(pb);
+    assert_eq!(
+        buffers,
+        vec![2 * (64 << 10); 2],
+        "send buffers of the sockets to the peer"
+    );
 
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
@@ -559,14 +609,16 @@ async fn a_peer_that_stops_reading_blocks_senders_and_uses_up_ko_count() {
         })
     };
     // The socket buffers fill up, then the queue: a message holds its share of the queue's
-    // byte budget until written, so no more than the budget is ever taken in (1 MiB writes
-    // plus headers: one fewer than the budget's MiB).
+    // byte budget until written, so no more than the budget is ever taken in. With a 64 KiB
+    // sndbuf-size the queue holds 64 KiB, so a 1 MiB write takes all of it: the first write
+    // is taken in (and sits in the socket buffers, which hold less than 1 MiB), the second
+    // waits for it.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let queued = sent.load(Ordering::Relaxed);
-    let budget = (DATA_QUEUE_BYTES >> 20) as u64;
-    assert!(
-        (1..budget).contains(&queued),
-        "{queued} writes of 1 MiB queued for a peer that does not read"
+    assert_eq!(data_queue_bytes(Some(64 << 10)), DATA_QUEUE_MIN_BYTES);
+    assert_eq!(
+        queued, 1,
+        "writes of 1 MiB queued for a peer that does not read"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sent.load(Ordering::Relaxed), queued, "the sender waits");
