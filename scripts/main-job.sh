@@ -53,6 +53,7 @@ resource r0 {
         ping-int 2;
     }
     disk { resync-rate 200M; c-plan-ahead 0; al-extents 257; }
+    startup { wfc-timeout 60; }
     on alpha { device /dev/drbd0; disk $work/alpha.img; address 127.0.0.1:7788; meta-disk internal; }
     on bravo { device /dev/drbd0; disk $work/bravo.img; address 127.0.0.2:7788; meta-disk internal; }
 }

@@ -18,6 +18,12 @@ set +e
 cargo test --workspace 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+# The README's main job, as an operator runs it: two nodes, written to and verified.
+echo "== main job (scripts/main-job.sh)"
+if ! ./scripts/main-job.sh; then
+    echo "main job FAILED"
+    status=1
+fi
 # The benchmarks: built, and the summary of ratios printed once in its short mode (the
 # figures are informational; an error setting up or running a workload fails the run).
 echo "== cargo bench --no-run"

@@ -1163,3 +1163,69 @@ fn dry_run_and_errors_match_drbdadm_84() {
     }
     assert_eq!(checked, commands.len() * 8);
 }
+
+#[test]
+fn node_name_from_the_environment_then_the_host_name() {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let host = host.trim().to_string();
+    assert!(host != "alpha" && host != "bravo", "host name {host}");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("drbd.conf");
+    // r3 names this machine's host name as one of its nodes.
+    let text = format!(
+        "{CONF}resource r3 {{\n  on {host} {{ device /dev/drbd7; disk /tmp/x; address 127.0.0.5:7792; meta-disk internal; }}\n  on bravo {{ device /dev/drbd7; disk /tmp/x; address 127.0.0.6:7792; meta-disk internal; }}\n}}\n"
+    );
+    std::fs::write(&conf, text).unwrap();
+    let state = dir.path().join("state");
+    let mut d = spawn_drbdd(&conf, &state);
+    wait_for("the control socket", || {
+        UnixStream::connect(state.join("drbdd.sock")).is_ok()
+    });
+    // drbdadm without --node: $DRBD_NODE, then $__DRBD_NODE__, then the host name.
+    let role = |res: &str, env: &[(&str, &str)]| {
+        let mut c = Proc::new(env!("CARGO_BIN_EXE_drbdadm"));
+        c.arg("-c")
+            .arg(&conf)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["role", res])
+            .env_remove("DRBD_NODE")
+            .env_remove("__DRBD_NODE__")
+            .stdin(Stdio::null());
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The daemon's own node: the request reaches the resource (not up: 127).
+    let (code, err) = role("r0", &[("DRBD_NODE", "alpha")]);
+    assert_eq!(code, Some(10), "{err}");
+    assert!(err.contains("(127) Device minor not allocated"), "{err}");
+    let (code, err) = role("r0", &[("__DRBD_NODE__", "alpha")]);
+    assert_eq!(code, Some(10), "{err}");
+    assert!(err.contains("(127) Device minor not allocated"), "{err}");
+    // Another node's name is refused by this node's daemon; $DRBD_NODE comes first.
+    let (code, err) = role("r0", &[("DRBD_NODE", "bravo"), ("__DRBD_NODE__", "alpha")]);
+    assert_eq!(code, Some(20), "{err}");
+    assert!(err.contains("for node 'bravo'"), "{err}");
+    let (code, err) = role("r0", &[("__DRBD_NODE__", "bravo")]);
+    assert_eq!(code, Some(20), "{err}");
+    assert!(err.contains("for node 'bravo'"), "{err}");
+    // Neither: the host name, which r0 does not know (drbdadm's own message, exit 1) and r3 does
+    // (the request reaches the daemon as the host's, which this daemon is not).
+    let (code, err) = role("r0", &[]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("'r0' not defined in your config (for this host)"),
+        "{err}"
+    );
+    let (code, err) = role("r3", &[]);
+    assert_eq!(code, Some(20), "{err}");
+    assert!(err.contains(&format!("for node '{host}'")), "{err}");
+    let _ = d.child.kill();
+    let _ = d.child.wait();
+}

@@ -198,3 +198,41 @@ fn c_min_rate_pauses_the_resync_while_the_application_writes() {
         "throttled resync moved {moved_busy} KiB, unthrottled {moved_quiet} KiB"
     );
 }
+
+#[test]
+fn status_reports_progress_rate_and_time_left() {
+    // 2 MiB/s for 3 s of a 64 MiB full sync: about 6 MiB done, 58 MiB left at 2 MiB/s.
+    let mut nodes = pair(rate(2048, 0, 102_400, 0));
+    let moved = run(&mut nodes, 30, |_, _, _| {});
+    let total = SECTORS / 8;
+    for (i, role) in [(0, "SyncSource"), (1, "SyncTarget")] {
+        let st = nodes[i].dev.status();
+        let r = st
+            .resync
+            .unwrap_or_else(|| panic!("{role} reports no resync progress"));
+        assert_eq!(r.total_blocks, total, "{role}");
+        let remaining = total - moved / 4;
+        assert!(
+            r.remaining_blocks.abs_diff(remaining) <= 64,
+            "{role}: {} blocks left, {remaining} expected",
+            r.remaining_blocks
+        );
+        let done = (total - r.remaining_blocks) as f64 * 100.0 / total as f64;
+        assert!(
+            (r.percent_done() - done).abs() <= 0.1,
+            "{role}: done:{} for {done:.2} %",
+            r.percent_done()
+        );
+        assert!(
+            (1800..=2300).contains(&r.rate_kib_s),
+            "{role}: rate {} KiB/s at resync-rate 2048",
+            r.rate_kib_s
+        );
+        let expect_eta = r.remaining_blocks * 4 / 2048;
+        assert!(
+            r.eta_s.abs_diff(expect_eta) <= expect_eta / 5 + 1,
+            "{role}: {} s left, about {expect_eta} expected",
+            r.eta_s
+        );
+    }
+}

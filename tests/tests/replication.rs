@@ -509,3 +509,109 @@ fn after_sb_1pri_consensus_follows_the_0pri_decision() {
     );
     assert!(p.data(0, 300 * 4096) == p.data(1, 300 * 4096));
 }
+
+#[test]
+fn wait_connect_discard_zeroes_fua_and_down_between_two_daemons() {
+    if skip_unless(have("qemu-io"), "qemu-io (qemu-utils) not installed") {
+        return;
+    }
+    let mut p = Pair::new(PairSpec {
+        addresses: ["127.0.0.1:7813", "127.0.0.2:7813"],
+        resource_extra: "    startup { wfc-timeout 2; }",
+        ..PairSpec::default()
+    });
+    for i in 0..2 {
+        p.start(i);
+    }
+    // wait-connect without a peer ends after wfc-timeout with drbdsetup's exit code 5.
+    p.adm_ok(0, &["up", "r0"]);
+    let r = p.adm(0, &["wait-connect", "r0"]);
+    assert_eq!(
+        r.code, 5,
+        "wait-connect without a peer: {}{}",
+        r.stdout, r.stderr
+    );
+    p.adm_ok(1, &["up", "r0"]);
+    p.adm_ok(0, &["wait-connect", "r0"]);
+    assert_eq!(p.cstate(0), "Connected");
+    p.adm_ok(0, &["primary", "--force", "r0"]);
+    p.wait_in_sync(Duration::from_secs(60));
+
+    // Writes with FUA, zeroes and discards through alpha's export reach bravo's disk.
+    let r = run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 2M",
+            "-c",
+            "write -f -P 0x22 2M 1M",
+            "-c",
+            "write -P 0x33 4M 2M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 0x44 6M 2M",
+            "-c",
+            "discard 6M 1M",
+            "-c",
+            "flush",
+            &p.nbd_uri(0),
+        ],
+    );
+    assert_eq!(r.code, 0, "qemu-io: {}{}", r.stdout, r.stderr);
+    let expect = |range: std::ops::Range<u64>, byte: u8, what: &str| {
+        for i in 0..2 {
+            let d = p.data(i, 8 * MIB);
+            let part = &d[range.start as usize..range.end as usize];
+            assert!(
+                part.iter().all(|&b| b == byte),
+                "{what} on {}'s disk: not all {byte:#x}",
+                p.nodes[i].name
+            );
+        }
+    };
+    expect(0..2 * MIB, 0x11, "plain write");
+    expect(2 * MIB..3 * MIB, 0x22, "FUA write");
+    expect(4 * MIB..5 * MIB, 0, "write-zeroes");
+    expect(5 * MIB..6 * MIB, 0x33, "the write beside the zeroes");
+    expect(7 * MIB..8 * MIB, 0x44, "the write beside the discard");
+    // A discarded range reads back alike on both replicas.
+    assert!(
+        p.data(0, 8 * MIB)[6 * MIB as usize..7 * MIB as usize]
+            == p.data(1, 8 * MIB)[6 * MIB as usize..7 * MIB as usize],
+        "the discarded range differs between the replicas"
+    );
+
+    // `down` on the Secondary: the Primary waits for it, writes on, and the Secondary's
+    // return resyncs what it missed.
+    p.adm_ok(1, &["down", "r0"]);
+    p.wait_until("alpha waits for its peer", Duration::from_secs(30), |p| {
+        p.cstate(0) == "WFConnection"
+    });
+    assert_eq!(p.role(0), "Primary/Unknown");
+    assert_eq!(p.dstate(0), "UpToDate/DUnknown");
+    let r = p.adm(1, &["role", "r0"]);
+    assert_eq!(r.code, 10, "role after down: {}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("(127) Device minor not allocated"),
+        "{}",
+        r.stderr
+    );
+    let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
+    c.write(9 * MIB, &stamped_block(9 * MIB / 4096, 3))
+        .expect("write while the peer is down");
+    drop(c);
+    p.adm_ok(1, &["up", "r0"]);
+    p.wait_in_sync(Duration::from_secs(60));
+    assert_eq!(
+        p.statistic(1, "received"),
+        4,
+        "KiB resynced to the returning node"
+    );
+    assert!(
+        p.data(0, 10 * MIB) == p.data(1, 10 * MIB),
+        "the replicas differ"
+    );
+}
