@@ -245,7 +245,13 @@ impl Sim {
             let cfg = DeviceConfig {
                 two_primaries: true,
                 split_brain: if n == 0 { policy } else { policy.mirrored() },
-                max_buffers: 32 + rng.below(2048) as u32,
+                // A third of the seeds with a tiny limit, so that receivers often stop
+                // reading while peer writes wait for conflict decisions.
+                max_buffers: if rng.chance(0.33) {
+                    1 + rng.below(4) as u32
+                } else {
+                    32 + rng.below(2048) as u32
+                },
                 max_epoch_size: 1 + rng.below(64) as u32,
                 disk_flushes: rng.chance(0.7),
                 // Distinct generators: the Device only uses odd seeds (`| 1`).
@@ -545,7 +551,8 @@ impl Sim {
                 }
                 let (_, m) = self.streams[stream].pop_front().expect("checked");
                 if stream % 2 == 0 && !self.nodes[to].dev.can_receive() {
-                    // The receiver stops reading the data socket for a moment.
+                    // The receiver stops reading the data socket for a moment (the meta
+                    // socket is read on: held writes may wait for what arrives there).
                     self.streams[stream].push_front((due, m));
                     let retry = self.now + Duration::from_micros(100);
                     self.at(retry, Ev::Deliver { stream });

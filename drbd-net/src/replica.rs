@@ -57,8 +57,9 @@ const CMD_QUEUE: usize = 1024;
 pub const FAULT_INJECT_ENV: &str = "DRBDD_FAULT_INJECT";
 /// How long a shutdown waits for in-flight application requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Session events buffered between the transport and the actor. Small on purpose: when the
-/// actor does not take peer writes (max-buffers reached), the transport stops reading.
+/// Session events buffered between the transport and the actor. Small on purpose: these are
+/// read ahead of the device's max-buffers check (the transport stops reading the data socket
+/// once the device has no room, see `Connection::set_receiving`).
 const EVENT_QUEUE: usize = 64;
 /// How long the sockets of a connection this node drops stay open, so that the peer can
 /// process what it was sent last.
@@ -685,7 +686,13 @@ impl Actor {
             .take()
             .expect("the actor runs once with its handler channel");
         loop {
-            let receive = self.dev.can_receive() && self.session.is_some();
+            // max-buffers: the data socket is read while the device has room for peer writes;
+            // the events of both sockets are taken at all times (acknowledgements on the meta
+            // socket may be what held peer writes wait for).
+            if let Some(s) = &self.session {
+                s.conn.set_receiving(self.dev.can_receive());
+            }
+            let receive = self.session.is_some();
             let outbox_high = outbox_high_bytes(self.net_cfg.as_ref().and_then(|c| c.sndbuf_size));
             let accept = self.shutting_down.is_none()
                 && self.pending_detach.is_none()

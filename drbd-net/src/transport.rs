@@ -264,6 +264,8 @@ pub struct Connection {
     state: watch::Receiver<ConnState>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
+    /// A session's data-socket gate.
+    receiving: Option<watch::Sender<bool>>,
 }
 
 impl Connection {
@@ -280,8 +282,27 @@ impl Connection {
         events: mpsc::Sender<SessionEvent>,
     ) -> std::io::Result<(Connection, SessionSender)> {
         let (route, routes) = watch::channel(None);
-        let conn = Self::start(cfg, Some(Session { events, route }))?;
+        let (gate, receiving) = watch::channel(true);
+        let mut conn = Self::start(
+            cfg,
+            Some(Session {
+                events,
+                route,
+                receiving,
+            }),
+        )?;
+        conn.receiving = Some(gate);
         Ok((conn, SessionSender { route: routes }))
+    }
+
+    /// Session flow control: while `false`, the data socket is not read (its messages wait
+    /// in the socket buffers and TCP slows the peer down); the meta socket is read on, so
+    /// acknowledgements keep arriving. The receiver of a session closes it while it holds
+    /// `max-buffers` of peer writes. Messages already read stay queued for the receiver.
+    pub fn set_receiving(&self, open: bool) {
+        if let Some(gate) = &self.receiving {
+            gate.send_if_modified(|g| std::mem::replace(g, open) != open);
+        }
     }
 
     fn start(cfg: PeerConfig, session: Option<Session>) -> std::io::Result<Connection> {
@@ -302,6 +323,7 @@ impl Connection {
             state: rx,
             stop,
             task,
+            receiving: None,
         })
     }
 
@@ -477,6 +499,8 @@ impl Queue {
 struct Session {
     events: mpsc::Sender<SessionEvent>,
     route: watch::Sender<Option<Arc<Route>>>,
+    /// Whether the data socket is read (see [`Connection::set_receiving`]).
+    receiving: watch::Receiver<bool>,
 }
 
 fn bind(cfg: &PeerConfig) -> std::io::Result<TcpListener> {
@@ -1080,6 +1104,7 @@ async fn connected(
     let sink = |socket| {
         session.map(|s| Sink {
             events: s.events.clone(),
+            gate: (socket == Socket::Data).then(|| s.receiving.clone()),
             epoch,
             decoder: MsgDecoder::new(volume, bitmap_bits)
                 .for_socket(socket)
@@ -1183,6 +1208,8 @@ impl<R> FramedRead<(OwnedReadHalf, R)> {
 /// Where a reader delivers messages in a session.
 struct Sink {
     events: mpsc::Sender<SessionEvent>,
+    /// The data socket's flow control: read only while it is open.
+    gate: Option<watch::Receiver<bool>>,
     epoch: u64,
     decoder: MsgDecoder,
 }
@@ -1200,6 +1227,12 @@ async fn read_loop(
 ) -> Result<Infallible, ConnectError> {
     let mut acks: u64 = 0;
     loop {
+        if let Some(gate) = sink.as_mut().and_then(|s| s.gate.as_mut()) {
+            // Closed: the socket is left unread (TCP pushes back on the peer) until the
+            // receiver has room again. Once the gate's owner is gone (the connection is
+            // being dropped) reading goes on as without a gate.
+            let _ = gate.wait_for(|open| *open).await;
+        }
         let frame = reader.next().await?;
         let at = nanos_since(origin);
         seen.fetch_max(at, Ordering::Relaxed);

@@ -85,6 +85,9 @@ pub const MAX_APP_REQUESTS: usize = 1 << 16;
 /// stalled meta socket delays it (8.4 waits a ping-timeout; this is more forgiving of a
 /// loaded runtime, and the keep-alive catches a dead socket anyway).
 pub const SEQ_WAIT_LIMIT: Duration = Duration::from_secs(5);
+/// The smallest bound on writes a peer leaves waiting for its sequence numbers or answered
+/// and unacknowledged (see `Device::peer_state_limit`): above any runtime's read-ahead.
+pub const PEER_STATE_LIMIT_MIN: usize = 1024;
 /// allow-two-primaries: a write the peer answered with `P_RETRY_WRITE` is sent again at the
 /// latest this long after, if nothing else restarted it.
 pub const RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -534,6 +537,16 @@ struct PeerWrite {
     /// allow-two-primaries: applied over local writes the peer told us to send again; they
     /// are sent again once this write is done.
     restart: bool,
+}
+
+/// 4 KiB pages a peer message's payload occupies (`max-buffers`).
+fn msg_pages(m: &PeerMsg) -> u64 {
+    match m {
+        PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
+            (data.len() as u64).div_ceil(4096)
+        }
+        _ => 0,
+    }
 }
 
 impl PeerWrite {
@@ -1118,7 +1131,10 @@ impl Device {
         self.reqs.is_empty() && self.ios.is_empty() && self.peer_waiting.is_empty()
     }
     /// Whether another peer write may be accepted now (`max-buffers`); when not, the runtime
-    /// stops reading from the data socket until disk completions arrive.
+    /// stops reading from the data socket until disk completions arrive. The meta socket
+    /// must be read on regardless: held writes may wait for what arrives there (a sequence
+    /// number, or the acknowledgement of a local write they conflict with), as 8.4 reads
+    /// it on its own thread.
     pub fn can_receive(&self) -> bool {
         debug_assert_eq!(self.peer_pages, self.peer_pages_recounted());
         // One write may take the count past the limit (its size is known only once read),
@@ -1139,7 +1155,15 @@ impl Device {
             })
             .sum();
         let waiting: u64 = self.peer_waiting.iter().map(|w| w.pages()).sum();
-        flight + waiting
+        let held: u64 = self.seq_held.iter().map(msg_pages).sum();
+        flight + waiting + held
+    }
+    /// How many writes a peer may leave waiting for its sequence numbers, or answered and
+    /// not yet acknowledged, before that counts as a protocol error: `max-buffers`, and never
+    /// so few that the runtime's read-ahead (messages read before it saw `can_receive`
+    /// turn false) could reach it.
+    fn peer_state_limit(&self) -> usize {
+        (self.cfg.max_buffers as usize).max(PEER_STATE_LIMIT_MIN)
     }
     /// The current connection generation (incremented by every [`Device::connected`]).
     pub fn conn_gen(&self) -> u64 {
@@ -2271,7 +2295,7 @@ impl Device {
         // resolving peer orders our writes after our acks by them.
         self.packet_seq = 0;
         self.peer_seq = 0;
-        self.seq_held.clear();
+        self.drop_seq_held();
         // The peer is back: fencing is moot (8.4 ignores the handler's late answer), and a
         // later loss must fence again.
         self.fence_wait = None;
@@ -2613,7 +2637,7 @@ impl Device {
         let dropped: u64 = self.peer_waiting.iter().map(|w| w.pages()).sum();
         self.peer_pages -= dropped;
         self.peer_waiting.clear();
-        self.seq_held.clear();
+        self.drop_seq_held();
         self.answered_open.clear();
         // Unflushed resync writes were not acknowledged: their bits stay set.
         self.rs_unflushed.clear();
@@ -2675,7 +2699,7 @@ impl Device {
             && msg.socket() == Socket::Data
             && (!self.seq_held.is_empty() || self.seq_ahead(&msg))
         {
-            if self.seq_held.len() >= self.cfg.max_buffers as usize {
+            if self.seq_held.len() >= self.peer_state_limit() {
                 return Err(ProtocolError(format!(
                     "{} data packets wait for the peer's sequence number {} (have {})",
                     self.seq_held.len(),
@@ -2686,6 +2710,7 @@ impl Device {
             if self.seq_held.is_empty() {
                 self.seq_held_since = self.now;
             }
+            self.peer_pages += msg_pages(&msg);
             self.seq_held.push_back(msg);
             return Ok(());
         }
@@ -2695,6 +2720,7 @@ impl Device {
                 break;
             }
             let m = self.seq_held.pop_front().expect("checked");
+            self.peer_pages -= msg_pages(&m);
             self.seq_held_since = self.now;
             self.handle(m)?;
             if !self.connected {
@@ -2702,6 +2728,12 @@ impl Device {
             }
         }
         Ok(())
+    }
+
+    fn drop_seq_held(&mut self) {
+        let pages: u64 = self.seq_held.iter().map(msg_pages).sum();
+        self.peer_pages -= pages;
+        self.seq_held.clear();
     }
 
     /// A write whose predecessor in the peer's sequence has not been seen yet.
@@ -2775,7 +2807,7 @@ impl Device {
                     return Ok(());
                 }
                 self.check_range(sector, size, "P_DATA")?;
-                if self.answered_open.len() > self.cfg.max_buffers as usize {
+                if self.answered_open.len() > self.peer_state_limit() {
                     // Each of them holds back the acknowledgement of its epoch.
                     return Err(ProtocolError(format!(
                         "{} writes answered with P_SUPERSEDED / P_RETRY_WRITE are still open",
