@@ -1353,12 +1353,8 @@ impl Sim {
             _ => {}
         }
         let epoch_writes = link.epoch_writes[st];
-        let payload_pages = match &msg {
-            PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
-                (data.len() as u64).div_ceil(4096)
-            }
-            _ => 0,
-        };
+        let data_socket = st == stream_of(1 - to, Socket::Data);
+        let pages = msg.held_pages();
         let dev = self.nodes[to].dev.as_mut().expect("alive");
         let result = dev.received(now, msg);
         let held = dev.peer_pages();
@@ -1372,9 +1368,9 @@ impl Sim {
                 self.p.max_epoch_size
             ));
         }
-        // Checker: the receiver holds at most max-buffers pages of peer writes, plus the
-        // one it read last (its size was unknown until read).
-        if held + 1 > u64::from(self.p.max_buffers) + payload_pages.max(1) {
+        // Checker: reading the data socket, the receiver holds at most max-buffers pages of
+        // peer writes, plus the one it read last (its size was unknown until read).
+        if data_socket && held + 1 > u64::from(self.p.max_buffers) + pages.max(1) {
             self.fail(format!(
                 "{who} holds {held} pages of peer writes (max-buffers {})",
                 self.p.max_buffers

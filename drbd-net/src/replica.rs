@@ -47,7 +47,7 @@ use crate::peer;
 use crate::transport::{Connection, HelloSource, PeerConfig, SessionEvent, SessionSender};
 use crate::wire::{ConnState as WireConn, Sizes};
 use drbd_core::replication::device::LocalHello;
-use drbd_core::replication::msg::PeerMsg;
+use drbd_core::replication::msg::{PeerMsg, Socket};
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 /// Commands queued to the actor at most; callers wait beyond that (back-pressure).
@@ -57,9 +57,8 @@ const CMD_QUEUE: usize = 1024;
 pub const FAULT_INJECT_ENV: &str = "DRBDD_FAULT_INJECT";
 /// How long a shutdown waits for in-flight application requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// Session events buffered between the transport and the actor. Small on purpose: these are
-/// read ahead of the device's max-buffers check (the transport stops reading the data socket
-/// once the device has no room, see `Connection::set_receiving`).
+/// Session events buffered between the transport and the actor (the transport's
+/// `ReceiveBudget` bounds the pages among them, with what the device holds, by max-buffers).
 const EVENT_QUEUE: usize = 64;
 /// How long the sockets of a connection this node drops stay open, so that the peer can
 /// process what it was sent last.
@@ -617,9 +616,11 @@ struct MetaProgress {
 struct NetSession {
     conn: Connection,
     events: mpsc::Receiver<SessionEvent>,
-    /// Messages for the pump task that feeds them to the transport (which may wait for
-    /// socket buffer space without stalling the actor).
-    outbox: mpsc::UnboundedSender<(u64, PeerMsg)>,
+    /// Messages for the pump tasks that feed them to the transport (which may wait for
+    /// socket buffer space without stalling the actor), one per socket: a message for the
+    /// meta socket (an acknowledgement, a conflict answer) never waits behind writes that
+    /// wait for room on the data socket, since the peer may need it to make that room.
+    outbox: [mpsc::UnboundedSender<(u64, PeerMsg)>; 2],
     /// The epoch of the established connection, if any.
     epoch: Option<u64>,
 }
@@ -686,11 +687,11 @@ impl Actor {
             .take()
             .expect("the actor runs once with its handler channel");
         loop {
-            // max-buffers: the data socket is read while the device has room for peer writes;
-            // the events of both sockets are taken at all times (acknowledgements on the meta
-            // socket may be what held peer writes wait for).
-            if let Some(s) = &self.session {
-                s.conn.set_receiving(self.dev.can_receive());
+            // max-buffers: the transport reads the data socket while the device has room for
+            // peer writes (see `ReceiveBudget`); events of both sockets are taken at all times
+            // (acknowledgements on the meta socket may be what held peer writes wait for).
+            if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
+                budget.set_held(self.dev.peer_pages());
             }
             let receive = self.session.is_some();
             let outbox_high = outbox_high_bytes(self.net_cfg.as_ref().and_then(|c| c.sndbuf_size));
@@ -888,8 +889,14 @@ impl Actor {
         }));
         let (tx, events) = mpsc::channel(EVENT_QUEUE);
         let (conn, sender) = Connection::spawn_session(cfg, tx).await?;
-        let (outbox, rx) = mpsc::unbounded_channel();
-        tokio::spawn(pump(sender, rx, self.outbox_bytes.clone()));
+        if let Some(budget) = conn.receive_budget() {
+            budget.set_limit(u64::from(self.dev.max_buffers()));
+        }
+        let outbox = [(); 2].map(|()| {
+            let (outbox, rx) = mpsc::unbounded_channel();
+            tokio::spawn(pump(sender.clone(), rx, self.outbox_bytes.clone()));
+            outbox
+        });
         self.session = Some(NetSession {
             conn,
             events,
@@ -932,6 +939,9 @@ impl Actor {
                 }
             }
             SessionEvent::Msg { epoch, msg } => {
+                if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
+                    budget.taken(msg.held_pages());
+                }
                 if Some(epoch) == current {
                     if let Err(e) = self.dev.received(now, msg) {
                         tracing::warn!(resource = %self.name, "{e}");
@@ -975,7 +985,8 @@ impl Actor {
                         if let Some(epoch) = s.epoch {
                             self.outbox_bytes
                                 .fetch_add(payload_len(&msg), Ordering::Relaxed);
-                            let _ = s.outbox.send((epoch, msg));
+                            let socket = usize::from(msg.socket() == Socket::Meta);
+                            let _ = s.outbox[socket].send((epoch, msg));
                         }
                     }
                 }

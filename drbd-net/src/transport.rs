@@ -16,9 +16,10 @@
 //!   in the process), then [`SessionEvent::Msg`] for every message received on either
 //!   socket (in order per socket), then one [`SessionEvent::Lost`] when that connection
 //!   ends. No `Msg` of an epoch follows its `Lost`. When the channel is full the socket
-//!   readers wait: a consumer that stops draining stops reading from the peer, which is
-//!   what lets the core bound its buffers (max-buffers). While it does, pings from the peer
-//!   are not answered either, so a consumer must not stall for ping-timeout.
+//!   readers wait; while they do, pings from the peer are not answered either, so a
+//!   consumer must keep draining (and must not stall for ping-timeout). The core bounds its
+//!   buffers (max-buffers) through the session's [`ReceiveBudget`] instead: the data socket
+//!   is read only while the receiver has room, the meta socket always.
 //! * Messages go out through a [`SessionSender`] (cloneable): `send(epoch, msg)` encodes the
 //!   message (see [`crate::peer::encode_msg`]) and queues it for the socket
 //!   [`PeerMsg::socket`] names, if `epoch` is still the current connection; messages for an
@@ -264,8 +265,96 @@ pub struct Connection {
     state: watch::Receiver<ConnState>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    /// A session's data-socket gate.
-    receiving: Option<watch::Sender<bool>>,
+    /// A session's data-socket flow control.
+    budget: Option<Arc<ReceiveBudget>>,
+}
+
+/// Flow control of a session's data socket in 4 KiB pages (`max-buffers`, counted as
+/// [`PeerMsg::held_pages`] counts them). The data socket's reader reads its next message only
+/// while the pages the receiver holds ([`ReceiveBudget::set_held`]) plus those read and not
+/// yet taken ([`ReceiveBudget::taken`]) are below the limit; otherwise the socket stays unread
+/// and TCP slows the peer down. So the receiver holds at most the limit plus the one message
+/// read last, as 8.4's receiver may allocate past max-buffers for the packet it reads. The
+/// meta socket is read regardless: held writes may wait for what arrives there
+/// (acknowledgements, sequence numbers), as 8.4 reads it on its own thread.
+#[derive(Debug)]
+pub struct ReceiveBudget {
+    /// Pages; `u64::MAX` until the receiver sets it.
+    limit: AtomicU64,
+    /// Pages the receiver holds, as it last said.
+    held: AtomicU64,
+    /// Pages of messages read and sent to the receiver, not yet taken by it.
+    queued: AtomicU64,
+    /// Wakes the reader when the budget may have opened.
+    opened: tokio::sync::Notify,
+}
+
+impl Default for ReceiveBudget {
+    fn default() -> Self {
+        ReceiveBudget {
+            limit: AtomicU64::new(u64::MAX),
+            held: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            opened: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+impl ReceiveBudget {
+    /// The receiver's limit in pages (`max-buffers`).
+    pub fn set_limit(&self, pages: u64) {
+        self.limit.store(pages, Ordering::Release);
+        self.opened.notify_waiters();
+    }
+
+    /// The pages the receiver holds now.
+    pub fn set_held(&self, pages: u64) {
+        let before = self.held.swap(pages, Ordering::AcqRel);
+        if pages < before {
+            self.opened.notify_waiters();
+        }
+    }
+
+    /// The receiver took a message of `pages` from the events channel.
+    pub fn taken(&self, pages: u64) {
+        if pages > 0 {
+            let before = self.queued.fetch_sub(pages, Ordering::AcqRel);
+            debug_assert!(before >= pages, "taken more pages than were read");
+            self.opened.notify_waiters();
+        }
+    }
+
+    /// Whether the data socket may be read now.
+    pub fn is_open(&self) -> bool {
+        let used = self
+            .held
+            .load(Ordering::Acquire)
+            .saturating_add(self.queued.load(Ordering::Acquire));
+        used < self.limit.load(Ordering::Acquire)
+    }
+
+    /// A message of `pages` was read and goes to the receiver.
+    fn admitted(&self, pages: u64) {
+        self.queued.fetch_add(pages, Ordering::AcqRel);
+    }
+
+    /// Waits until the data socket may be read.
+    async fn wait_open(&self) {
+        if self.is_open() {
+            return;
+        }
+        loop {
+            let opened = self.opened.notified();
+            tokio::pin!(opened);
+            // Registered before the check, so a change between the check and the wait
+            // still wakes it.
+            opened.as_mut().enable();
+            if self.is_open() {
+                return;
+            }
+            opened.await;
+        }
+    }
 }
 
 impl Connection {
@@ -282,27 +371,23 @@ impl Connection {
         events: mpsc::Sender<SessionEvent>,
     ) -> std::io::Result<(Connection, SessionSender)> {
         let (route, routes) = watch::channel(None);
-        let (gate, receiving) = watch::channel(true);
+        let budget = Arc::new(ReceiveBudget::default());
         let mut conn = Self::start(
             cfg,
             Some(Session {
                 events,
                 route,
-                receiving,
+                budget: Arc::clone(&budget),
             }),
         )?;
-        conn.receiving = Some(gate);
+        conn.budget = Some(budget);
         Ok((conn, SessionSender { route: routes }))
     }
 
-    /// Session flow control: while `false`, the data socket is not read (its messages wait
-    /// in the socket buffers and TCP slows the peer down); the meta socket is read on, so
-    /// acknowledgements keep arriving. The receiver of a session closes it while it holds
-    /// `max-buffers` of peer writes. Messages already read stay queued for the receiver.
-    pub fn set_receiving(&self, open: bool) {
-        if let Some(gate) = &self.receiving {
-            gate.send_if_modified(|g| std::mem::replace(g, open) != open);
-        }
+    /// The session's data-socket flow control (see [`ReceiveBudget`]); `None` without a
+    /// session.
+    pub fn receive_budget(&self) -> Option<&Arc<ReceiveBudget>> {
+        self.budget.as_ref()
     }
 
     fn start(cfg: PeerConfig, session: Option<Session>) -> std::io::Result<Connection> {
@@ -323,7 +408,7 @@ impl Connection {
             state: rx,
             stop,
             task,
-            receiving: None,
+            budget: None,
         })
     }
 
@@ -499,8 +584,8 @@ impl Queue {
 struct Session {
     events: mpsc::Sender<SessionEvent>,
     route: watch::Sender<Option<Arc<Route>>>,
-    /// Whether the data socket is read (see [`Connection::set_receiving`]).
-    receiving: watch::Receiver<bool>,
+    /// The data socket's flow control.
+    budget: Arc<ReceiveBudget>,
 }
 
 fn bind(cfg: &PeerConfig) -> std::io::Result<TcpListener> {
@@ -1104,7 +1189,7 @@ async fn connected(
     let sink = |socket| {
         session.map(|s| Sink {
             events: s.events.clone(),
-            gate: (socket == Socket::Data).then(|| s.receiving.clone()),
+            budget: (socket == Socket::Data).then(|| Arc::clone(&s.budget)),
             epoch,
             decoder: MsgDecoder::new(volume, bitmap_bits)
                 .for_socket(socket)
@@ -1208,8 +1293,8 @@ impl<R> FramedRead<(OwnedReadHalf, R)> {
 /// Where a reader delivers messages in a session.
 struct Sink {
     events: mpsc::Sender<SessionEvent>,
-    /// The data socket's flow control: read only while it is open.
-    gate: Option<watch::Receiver<bool>>,
+    /// The data socket's flow control.
+    budget: Option<Arc<ReceiveBudget>>,
     epoch: u64,
     decoder: MsgDecoder,
 }
@@ -1227,11 +1312,10 @@ async fn read_loop(
 ) -> Result<Infallible, ConnectError> {
     let mut acks: u64 = 0;
     loop {
-        if let Some(gate) = sink.as_mut().and_then(|s| s.gate.as_mut()) {
-            // Closed: the socket is left unread (TCP pushes back on the peer) until the
-            // receiver has room again. Once the gate's owner is gone (the connection is
-            // being dropped) reading goes on as without a gate.
-            let _ = gate.wait_for(|open| *open).await;
+        if let Some(budget) = sink.as_ref().and_then(|s| s.budget.as_ref()) {
+            // The socket is left unread (TCP pushes back on the peer) until the receiver has
+            // room again.
+            budget.wait_open().await;
         }
         let frame = reader.next().await?;
         let at = nanos_since(origin);
@@ -1269,6 +1353,9 @@ async fn read_loop(
         };
         match sink.decoder.on_frame(frame) {
             Ok(Some(msg)) => {
+                if let Some(budget) = &sink.budget {
+                    budget.admitted(msg.held_pages());
+                }
                 let event = SessionEvent::Msg {
                     epoch: sink.epoch,
                     msg,
@@ -1720,5 +1807,46 @@ mod segment_tests {
         }
         let joined: Vec<u8> = out.segs.iter().flat_map(|b| b.to_vec()).collect();
         assert_eq!(joined, whole.to_vec());
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_data_socket_waits_while_held_and_queued_pages_reach_the_limit() {
+        let b = Arc::new(ReceiveBudget::default());
+        assert!(b.is_open(), "no limit until the receiver sets one");
+        b.set_limit(32);
+        // One message may take the count past the limit (its size is known once read).
+        b.admitted(256);
+        assert!(!b.is_open());
+        let waiter = {
+            let b = Arc::clone(&b);
+            tokio::spawn(async move { b.wait_open().await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "reads on while the receiver has no room"
+        );
+        // The receiver takes the message and holds its pages: still closed.
+        b.taken(256);
+        b.set_held(256);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiter.is_finished(),
+            "reads on while the receiver holds the pages"
+        );
+        // The write is done: open again, and the waiting reader goes on.
+        b.set_held(31);
+        timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the reader is woken")
+            .expect("no panic");
+        assert!(b.is_open());
+        b.set_held(32);
+        assert!(!b.is_open(), "held pages alone reach the limit");
     }
 }

@@ -86,8 +86,10 @@ pub const MAX_APP_REQUESTS: usize = 1 << 16;
 /// loaded runtime, and the keep-alive catches a dead socket anyway).
 pub const SEQ_WAIT_LIMIT: Duration = Duration::from_secs(5);
 /// The smallest bound on writes a peer leaves waiting for its sequence numbers or answered
-/// and unacknowledged (see `Device::peer_state_limit`): above any runtime's read-ahead.
-pub const PEER_STATE_LIMIT_MIN: usize = 1024;
+/// and unacknowledged (see `Device::peer_state_limit`). Answered writes hold no pages, so
+/// max-buffers does not slow the peer down for them: a peer may legitimately have as many
+/// open as it has requests in flight.
+pub const PEER_STATE_LIMIT_MIN: usize = MAX_APP_REQUESTS;
 /// allow-two-primaries: a write the peer answered with `P_RETRY_WRITE` is sent again at the
 /// latest this long after, if nothing else restarted it.
 pub const RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -539,22 +541,13 @@ struct PeerWrite {
     restart: bool,
 }
 
-/// 4 KiB pages a peer message's payload occupies (`max-buffers`).
-fn msg_pages(m: &PeerMsg) -> u64 {
-    match m {
-        PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
-            (data.len() as u64).div_ceil(4096)
-        }
-        _ => 0,
-    }
-}
-
 impl PeerWrite {
-    /// 4 KiB pages its payload occupies (`max-buffers`); discards and zeroes carry none.
+    /// 4 KiB pages it holds (`max-buffers`), as [`PeerMsg::held_pages`] counts the message
+    /// it came in: its payload, at least one page (discards and zeroes too).
     fn pages(&self) -> u64 {
         match &self.op {
-            DiskOp::Write { data, .. } => (data.len() as u64).div_ceil(4096),
-            _ => 0,
+            DiskOp::Write { data, .. } => (data.len() as u64).div_ceil(4096).max(1),
+            _ => 1,
         }
     }
 }
@@ -1145,6 +1138,10 @@ impl Device {
     pub fn peer_pages(&self) -> u64 {
         self.peer_pages
     }
+    /// `max-buffers`, in 4 KiB pages.
+    pub fn max_buffers(&self) -> u32 {
+        self.cfg.max_buffers
+    }
     fn peer_pages_recounted(&self) -> u64 {
         let flight: u64 = self
             .ios
@@ -1155,13 +1152,12 @@ impl Device {
             })
             .sum();
         let waiting: u64 = self.peer_waiting.iter().map(|w| w.pages()).sum();
-        let held: u64 = self.seq_held.iter().map(msg_pages).sum();
+        let held: u64 = self.seq_held.iter().map(PeerMsg::held_pages).sum();
         flight + waiting + held
     }
     /// How many writes a peer may leave waiting for its sequence numbers, or answered and
-    /// not yet acknowledged, before that counts as a protocol error: `max-buffers`, and never
-    /// so few that the runtime's read-ahead (messages read before it saw `can_receive`
-    /// turn false) could reach it.
+    /// not yet acknowledged, before that counts as a protocol error: a bound on what a
+    /// misbehaving peer can make this node keep, never below [`PEER_STATE_LIMIT_MIN`].
     fn peer_state_limit(&self) -> usize {
         (self.cfg.max_buffers as usize).max(PEER_STATE_LIMIT_MIN)
     }
@@ -2710,7 +2706,7 @@ impl Device {
             if self.seq_held.is_empty() {
                 self.seq_held_since = self.now;
             }
-            self.peer_pages += msg_pages(&msg);
+            self.peer_pages += msg.held_pages();
             self.seq_held.push_back(msg);
             return Ok(());
         }
@@ -2720,7 +2716,7 @@ impl Device {
                 break;
             }
             let m = self.seq_held.pop_front().expect("checked");
-            self.peer_pages -= msg_pages(&m);
+            self.peer_pages -= m.held_pages();
             self.seq_held_since = self.now;
             self.handle(m)?;
             if !self.connected {
@@ -2731,7 +2727,7 @@ impl Device {
     }
 
     fn drop_seq_held(&mut self) {
-        let pages: u64 = self.seq_held.iter().map(msg_pages).sum();
+        let pages: u64 = self.seq_held.iter().map(PeerMsg::held_pages).sum();
         self.peer_pages -= pages;
         self.seq_held.clear();
     }

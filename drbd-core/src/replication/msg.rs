@@ -288,6 +288,19 @@ impl PeerMsg {
         }
     }
 
+    /// The 4 KiB pages a receiver holds for this message until its write is done
+    /// (`max-buffers` counts these): a write's payload, at least one page for any write
+    /// (discards and zeroes included), none for anything else.
+    pub fn held_pages(&self) -> u64 {
+        match self {
+            PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
+                (data.len() as u64).div_ceil(4096).max(1)
+            }
+            PeerMsg::Trim { .. } => 1,
+            _ => 0,
+        }
+    }
+
     /// A short name for logs and errors (the 8.4 packet name).
     pub fn name(&self) -> &'static str {
         match self {
