@@ -405,22 +405,21 @@ async fn read_frame(
     }
 }
 
-/// Accepts our node's two connections and runs the handshake as the peer; returns the data
-/// and meta sockets and the agreed context.
 /// The send buffers (`ss`'s `tb`, bytes) of the established TCP sockets to `port` on this
-/// machine, sorted.
-fn send_buffers_to(port: u16) -> Vec<u64> {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-tmnH",
-            "state",
-            "established",
-            "dport",
-            "=",
-            &format!(":{port}"),
-        ])
+/// machine, sorted; `None` (after saying so) without `ss`, except under CI.
+fn send_buffers_to(port: u16) -> Option<Vec<u64>> {
+    let filter = format!(":{port}");
+    let out = match std::process::Command::new("ss")
+        .args(["-tmnH", "state", "established", "dport", "=", &filter])
         .output()
-        .expect("ss (iproute2) runs");
+    {
+        Ok(out) => out,
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!("SKIP: the send-buffer check needs ss (iproute2): {e}");
+            return None;
+        }
+        Err(e) => panic!("ss (iproute2) under CI: {e}"),
+    };
     assert!(
         out.status.success(),
         "ss: {}",
@@ -433,7 +432,7 @@ fn send_buffers_to(port: u16) -> Vec<u64> {
         .map(|v| v.parse().expect("a number after tb"))
         .collect();
     sizes.sort_unstable();
-    sizes
+    Some(sizes)
 }
 
 #[test]
@@ -449,6 +448,8 @@ fn the_data_queue_follows_sndbuf_size() {
     assert_eq!(data_queue_bytes(Some(64 << 20)), DATA_QUEUE_BYTES);
 }
 
+/// Accepts our node's two connections and runs the handshake as the peer; returns the data
+/// and meta sockets and the agreed context.
 async fn fake_handshake(listener: &TcpListener) -> (TcpStream, TcpStream, WireContext) {
     let mut data = None;
     let mut meta = None;
@@ -583,12 +584,13 @@ async fn a_peer_that_stops_reading_blocks_senders_and_uses_up_ko_count() {
     let (epoch, ..) = connected(&mut a.events).await;
     // sndbuf-size reached the kernel: both sockets have a fixed send buffer of that size
     // (the kernel reports twice the value set, its bookkeeping overhead included).
-    let buffers = send_buffers_to(pb);
-    assert_eq!(
-        buffers,
-        vec![2 * (64 << 10); 2],
-        "send buffers of the sockets to the peer"
-    );
+    if let Some(buffers) = send_buffers_to(pb) {
+        assert_eq!(
+            buffers,
+            vec![2 * (64 << 10); 2],
+            "send buffers of the sockets to the peer"
+        );
+    }
 
     let sent = Arc::new(AtomicU64::new(0));
     let sender = {
@@ -610,15 +612,15 @@ async fn a_peer_that_stops_reading_blocks_senders_and_uses_up_ko_count() {
     };
     // The socket buffers fill up, then the queue: a message holds its share of the queue's
     // byte budget until written, so no more than the budget is ever taken in. With a 64 KiB
-    // sndbuf-size the queue holds 64 KiB, so a 1 MiB write takes all of it: the first write
-    // is taken in (and sits in the socket buffers, which hold less than 1 MiB), the second
-    // waits for it.
+    // sndbuf-size the queue holds 64 KiB, so a 1 MiB write takes all of it: a write is taken
+    // in only once the one before is written to the socket, whose buffers (128 KiB here, and
+    // the peer's receive buffer) hold at most one more. With the default 4 MiB budget three
+    // more would be queued.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let queued = sent.load(Ordering::Relaxed);
-    assert_eq!(data_queue_bytes(Some(64 << 10)), DATA_QUEUE_MIN_BYTES);
-    assert_eq!(
-        queued, 1,
-        "writes of 1 MiB queued for a peer that does not read"
+    assert!(
+        (1..=2).contains(&queued),
+        "{queued} writes of 1 MiB queued for a peer that does not read"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(sent.load(Ordering::Relaxed), queued, "the sender waits");
