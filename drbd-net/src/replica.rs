@@ -939,13 +939,17 @@ impl Actor {
                 }
             }
             SessionEvent::Msg { epoch, msg } => {
-                if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
-                    budget.taken(msg.held_pages());
-                }
+                let pages = msg.held_pages();
                 if Some(epoch) == current {
                     if let Err(e) = self.dev.received(now, msg) {
                         tracing::warn!(resource = %self.name, "{e}");
                     }
+                }
+                // The device's held pages include the message's before the budget stops
+                // counting it as read, so the budget never looks larger than it is.
+                if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
+                    budget.set_held(self.dev.peer_pages());
+                    budget.taken(pages);
                 }
             }
             SessionEvent::Lost {

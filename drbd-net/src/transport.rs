@@ -315,10 +315,18 @@ impl ReceiveBudget {
         }
     }
 
-    /// The receiver took a message of `pages` from the events channel.
+    /// The receiver took a message of `pages` from the events channel (call it once the
+    /// receiver's held pages include the message's, see [`ReceiveBudget::set_held`], so that
+    /// the budget never looks larger than it is).
     pub fn taken(&self, pages: u64) {
         if pages > 0 {
-            let before = self.queued.fetch_sub(pages, Ordering::AcqRel);
+            let before = self
+                .queued
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                    Some(q.saturating_sub(pages))
+                })
+                .unwrap_or_else(|q| q);
+            // Saturating: a miscount must not wrap into a budget closed for good.
             debug_assert!(before >= pages, "taken more pages than were read");
             self.opened.notify_waiters();
         }
@@ -1353,17 +1361,21 @@ async fn read_loop(
         };
         match sink.decoder.on_frame(frame) {
             Ok(Some(msg)) => {
+                // The slot first, then the pages: admitted and sent with nothing in between
+                // that could be cancelled (a reader aborted while waiting for room would
+                // otherwise leave its message's pages counted for good).
+                let slot = sink
+                    .events
+                    .reserve()
+                    .await
+                    .map_err(|_| ConnectError::EventsClosed)?;
                 if let Some(budget) = &sink.budget {
                     budget.admitted(msg.held_pages());
                 }
-                let event = SessionEvent::Msg {
+                slot.send(SessionEvent::Msg {
                     epoch: sink.epoch,
                     msg,
-                };
-                sink.events
-                    .send(event)
-                    .await
-                    .map_err(|_| ConnectError::EventsClosed)?;
+                });
             }
             Ok(None) => {}
             Err(error) => {

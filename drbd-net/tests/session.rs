@@ -634,3 +634,67 @@ async fn a_peer_that_stops_reading_blocks_senders_and_uses_up_ko_count() {
     pinger.abort();
     a.conn.shutdown();
 }
+
+#[tokio::test]
+async fn a_reader_cut_off_while_waiting_for_room_leaves_no_pages_counted() {
+    logs();
+    let (pa, pb) = (free_port(), free_port());
+    let fake = TcpListener::bind(("127.0.0.1", pb)).await.unwrap();
+    // Room for one event: the consumer below drains nothing until the connection is gone.
+    let mut a = spawn(node("alpha", pa, pb, 0xa000), 1).await;
+    let budget = a
+        .conn
+        .receive_budget()
+        .expect("a session has a budget")
+        .clone();
+    let (mut data, meta, ctx) = fake_handshake(&fake).await;
+    let (epoch, ..) = connected(&mut a.events).await;
+    // Three discards (one page each): the first fills the events channel, the second waits
+    // in the data socket's reader for room.
+    for i in 0..3u64 {
+        let trim = wire::Trim {
+            sector: i * 8,
+            size: 4096,
+            dp_flags: dp::DISCARD,
+            ..wire::Trim::default()
+        };
+        let mut out = BytesMut::new();
+        wire::encode(
+            &Frame::for_context(&ctx, 0, Packet::Trim(trim)),
+            &ctx,
+            &mut out,
+        )
+        .unwrap();
+        data.write_all(&out).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The peer goes away: the reader waiting for room is cut off with its message (the
+    // connection is torn down before anything is drained).
+    drop((data, meta));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut taken = 0;
+    loop {
+        match next_event(&mut a.events).await {
+            SessionEvent::Msg { epoch: e, msg } => {
+                assert_eq!(e, epoch);
+                taken += 1;
+                budget.taken(msg.held_pages());
+            }
+            SessionEvent::Lost { epoch: e, .. } => {
+                assert_eq!(e, epoch);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(taken >= 1, "the first discard arrived");
+    // Nothing is held and everything read was taken: even a budget of one page is open. A
+    // message counted as read but lost with its reader would keep it closed for good.
+    budget.set_held(0);
+    budget.set_limit(1);
+    assert!(
+        budget.is_open(),
+        "pages of a message lost with the connection are still counted"
+    );
+    a.conn.shutdown();
+}

@@ -85,11 +85,14 @@ pub const MAX_APP_REQUESTS: usize = 1 << 16;
 /// stalled meta socket delays it (8.4 waits a ping-timeout; this is more forgiving of a
 /// loaded runtime, and the keep-alive catches a dead socket anyway).
 pub const SEQ_WAIT_LIMIT: Duration = Duration::from_secs(5);
-/// The smallest bound on writes a peer leaves waiting for its sequence numbers or answered
-/// and unacknowledged (see `Device::peer_state_limit`). Answered writes hold no pages, so
-/// max-buffers does not slow the peer down for them: a peer may legitimately have as many
-/// open as it has requests in flight.
-pub const PEER_STATE_LIMIT_MIN: usize = MAX_APP_REQUESTS;
+/// The smallest bound on data-socket messages held behind a write that waits for the peer's
+/// sequence number (see `Device::seq_held_limit`): messages without pages (a read reply,
+/// say) queue there too, and max-buffers does not slow those down.
+pub const SEQ_HELD_LIMIT_MIN: usize = 1024;
+/// The bound on writes answered with P_SUPERSEDED / P_RETRY_WRITE and not yet acknowledged:
+/// they hold no pages, so max-buffers does not slow the peer down for them, and a peer may
+/// legitimately have as many open as it has requests in flight.
+pub const ANSWERED_OPEN_LIMIT: usize = MAX_APP_REQUESTS;
 /// allow-two-primaries: a write the peer answered with `P_RETRY_WRITE` is sent again at the
 /// latest this long after, if nothing else restarted it.
 pub const RETRY_AFTER: Duration = Duration::from_millis(100);
@@ -1123,11 +1126,12 @@ impl Device {
     pub fn is_idle(&self) -> bool {
         self.reqs.is_empty() && self.ios.is_empty() && self.peer_waiting.is_empty()
     }
-    /// Whether another peer write may be accepted now (`max-buffers`); when not, the runtime
-    /// stops reading from the data socket until disk completions arrive. The meta socket
-    /// must be read on regardless: held writes may wait for what arrives there (a sequence
-    /// number, or the acknowledgement of a local write they conflict with), as 8.4 reads
-    /// it on its own thread.
+    /// Whether another peer write may be accepted now (`max-buffers`); when not, a runtime
+    /// stops reading the data socket until disk completions arrive (the drbd-net runtime
+    /// does it with [`Device::peer_pages`] against the same limit). The meta socket must be
+    /// read on regardless: held writes may wait for what arrives there (a sequence number,
+    /// or the acknowledgement of a local write they conflict with), as 8.4 reads it on its
+    /// own thread.
     pub fn can_receive(&self) -> bool {
         debug_assert_eq!(self.peer_pages, self.peer_pages_recounted());
         // One write may take the count past the limit (its size is known only once read),
@@ -1136,6 +1140,7 @@ impl Device {
     }
     /// 4 KiB pages held by peer writes (`max-buffers` counts these).
     pub fn peer_pages(&self) -> u64 {
+        debug_assert_eq!(self.peer_pages, self.peer_pages_recounted());
         self.peer_pages
     }
     /// `max-buffers`, in 4 KiB pages.
@@ -1155,11 +1160,11 @@ impl Device {
         let held: u64 = self.seq_held.iter().map(PeerMsg::held_pages).sum();
         flight + waiting + held
     }
-    /// How many writes a peer may leave waiting for its sequence numbers, or answered and
-    /// not yet acknowledged, before that counts as a protocol error: a bound on what a
-    /// misbehaving peer can make this node keep, never below [`PEER_STATE_LIMIT_MIN`].
-    fn peer_state_limit(&self) -> usize {
-        (self.cfg.max_buffers as usize).max(PEER_STATE_LIMIT_MIN)
+    /// How many data-socket messages a peer may leave waiting for its sequence numbers
+    /// before that counts as a protocol error: a bound on what a misbehaving peer can make
+    /// this node keep, never below [`SEQ_HELD_LIMIT_MIN`].
+    fn seq_held_limit(&self) -> usize {
+        (self.cfg.max_buffers as usize).max(SEQ_HELD_LIMIT_MIN)
     }
     /// The current connection generation (incremented by every [`Device::connected`]).
     pub fn conn_gen(&self) -> u64 {
@@ -2695,7 +2700,7 @@ impl Device {
             && msg.socket() == Socket::Data
             && (!self.seq_held.is_empty() || self.seq_ahead(&msg))
         {
-            if self.seq_held.len() >= self.peer_state_limit() {
+            if self.seq_held.len() >= self.seq_held_limit() {
                 return Err(ProtocolError(format!(
                     "{} data packets wait for the peer's sequence number {} (have {})",
                     self.seq_held.len(),
@@ -2803,7 +2808,7 @@ impl Device {
                     return Ok(());
                 }
                 self.check_range(sector, size, "P_DATA")?;
-                if self.answered_open.len() > self.peer_state_limit() {
+                if self.answered_open.len() > ANSWERED_OPEN_LIMIT {
                     // Each of them holds back the acknowledgement of its epoch.
                     return Err(ProtocolError(format!(
                         "{} writes answered with P_SUPERSEDED / P_RETRY_WRITE are still open",
