@@ -56,7 +56,8 @@ use crate::replication::activity_log::{ActivityLog, AlDecision, AlWrite, BeginIo
 use crate::replication::bitmap::{DirtyBitmap, SECTORS_PER_BIT};
 use crate::replication::digest::DigestAlg;
 use crate::replication::msg::{
-    dp, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_IN_SYNC, ID_OUT_OF_SYNC, ID_SYNCER,
+    dp, write_pages, Ack, BlockReq, PeerHello, PeerMsg, PeerState, Socket, ID_IN_SYNC,
+    ID_OUT_OF_SYNC, ID_SYNCER,
 };
 use crate::replication::status::{
     AdminError, AdminRequest, ResyncProgress, StateRefusal, Suspended, VolumeStatus,
@@ -549,8 +550,8 @@ impl PeerWrite {
     /// it came in: its payload, at least one page (discards and zeroes too).
     fn pages(&self) -> u64 {
         match &self.op {
-            DiskOp::Write { data, .. } => (data.len() as u64).div_ceil(4096).max(1),
-            _ => 1,
+            DiskOp::Write { data, .. } => write_pages(data.len()),
+            _ => write_pages(0),
         }
     }
 }

@@ -266,6 +266,13 @@ pub struct BlockReq {
     pub size: u32,
 }
 
+/// The 4 KiB pages a receiver holds for a peer write with `payload` bytes (`max-buffers`
+/// counts these): its payload's pages, and at least one for any write, discards and zeroes
+/// included.
+pub fn write_pages(payload: usize) -> u64 {
+    (payload as u64).div_ceil(4096).max(1)
+}
+
 impl PeerMsg {
     /// The socket DRBD sends this message on.
     pub fn socket(&self) -> Socket {
@@ -294,9 +301,9 @@ impl PeerMsg {
     pub fn held_pages(&self) -> u64 {
         match self {
             PeerMsg::Data { data, .. } | PeerMsg::RsDataReply { data, .. } => {
-                (data.len() as u64).div_ceil(4096).max(1)
+                write_pages(data.len())
             }
-            PeerMsg::Trim { .. } => 1,
+            PeerMsg::Trim { .. } => write_pages(0),
             _ => 0,
         }
     }
