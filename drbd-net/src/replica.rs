@@ -44,7 +44,10 @@ use crate::handlers::Handlers;
 use crate::handshake::VolumeHello;
 use crate::nbd::{BlockDevice, BlockError, BoxFuture};
 use crate::peer;
-use crate::transport::{Connection, HelloSource, PeerConfig, SessionEvent, SessionSender};
+use crate::transport::{
+    bounded_by_sndbuf, Connection, HelloSource, PeerConfig, ReceiveBudget, SessionEvent,
+    SessionSender,
+};
 use crate::wire::{ConnState as WireConn, Sizes};
 use drbd_core::replication::device::LocalHello;
 use drbd_core::replication::msg::{PeerMsg, Socket};
@@ -66,16 +69,6 @@ const DISCONNECT_LINGER: Duration = Duration::from_millis(500);
 /// Payload bytes queued for the peer beyond which the actor stops taking new application
 /// requests (back-pressure towards the application instead of unbounded queueing).
 const OUTBOX_HIGH_BYTES: usize = 16 << 20;
-
-/// The outbox's high mark for a `sndbuf-size`: an operator who bounds the send buffer bounds
-/// what waits in front of it too (at least one request of the largest size, so that
-/// requests still flow); unset (0, auto-tuning) leaves [`OUTBOX_HIGH_BYTES`].
-fn outbox_high_bytes(sndbuf_size: Option<u32>) -> usize {
-    match sndbuf_size.filter(|&s| s > 0) {
-        Some(s) => (s as usize).clamp(MAX_REQUEST_BYTES as usize, OUTBOX_HIGH_BYTES),
-        None => OUTBOX_HIGH_BYTES,
-    }
-}
 
 /// Where the meta data lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,6 +307,13 @@ impl Replica {
             backlog: VecDeque::new(),
             metas: HashMap::new(),
             status: status_tx,
+            // sndbuf-size bounds the outbox too, to at least one request of the largest
+            // size so that requests still flow.
+            outbox_high: bounded_by_sndbuf(
+                cfg.net.as_ref().and_then(|c| c.sndbuf_size),
+                MAX_REQUEST_BYTES as usize,
+                OUTBOX_HIGH_BYTES,
+            ),
             net_cfg: cfg.net.clone(),
             session: None,
             hello: Arc::new(Mutex::new(HelloSlot::default())),
@@ -648,6 +648,8 @@ struct Actor {
     metas: HashMap<u64, MetaProgress>,
     status: watch::Sender<VolumeStatus>,
     net_cfg: Option<PeerConfig>,
+    /// Payload bytes in the outbox beyond which no new application request is taken.
+    outbox_high: usize,
     session: Option<NetSession>,
     hello: Arc<Mutex<HelloSlot>>,
     outbox_bytes: Arc<AtomicUsize>,
@@ -690,14 +692,13 @@ impl Actor {
             // max-buffers: the transport reads the data socket while the device has room for
             // peer writes (see `ReceiveBudget`); events of both sockets are taken at all times
             // (acknowledgements on the meta socket may be what held peer writes wait for).
-            if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
+            if let Some(budget) = self.receive_budget() {
                 budget.set_held(self.dev.peer_pages());
             }
             let receive = self.session.is_some();
-            let outbox_high = outbox_high_bytes(self.net_cfg.as_ref().and_then(|c| c.sndbuf_size));
             let accept = self.shutting_down.is_none()
                 && self.pending_detach.is_none()
-                && self.outbox_bytes.load(Ordering::Relaxed) < outbox_high;
+                && self.outbox_bytes.load(Ordering::Relaxed) < self.outbox_high;
             tokio::select! {
                 c = completions.recv() => match c {
                     Some(c) => self.completion(c),
@@ -870,6 +871,11 @@ impl Actor {
         self.dev.attach(now, local)
     }
 
+    /// The current session's data-socket flow control.
+    fn receive_budget(&self) -> Option<&Arc<ReceiveBudget>> {
+        self.session.as_ref().and_then(|s| s.conn.receive_budget())
+    }
+
     async fn start_session(&mut self) -> io::Result<()> {
         let Some(mut cfg) = self.net_cfg.clone() else {
             return Ok(());
@@ -947,7 +953,7 @@ impl Actor {
                 }
                 // The device's held pages include the message's before the budget stops
                 // counting it as read, so the budget never looks larger than it is.
-                if let Some(budget) = self.session.as_ref().and_then(|s| s.conn.receive_budget()) {
+                if let Some(budget) = self.receive_budget() {
                     budget.set_held(self.dev.peer_pages());
                     budget.taken(pages);
                 }

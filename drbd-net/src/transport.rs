@@ -76,9 +76,16 @@ pub const DATA_QUEUE_MIN_BYTES: usize = 64 << 10;
 /// than the socket buffer itself (within [`DATA_QUEUE_MIN_BYTES`] ..= [`DATA_QUEUE_BYTES`]);
 /// unset (0, the kernel's auto-tuning) leaves [`DATA_QUEUE_BYTES`].
 pub fn data_queue_bytes(sndbuf_size: Option<u32>) -> usize {
+    bounded_by_sndbuf(sndbuf_size, DATA_QUEUE_MIN_BYTES, DATA_QUEUE_BYTES)
+}
+
+/// A queue's byte bound in front of the data socket for a `sndbuf-size`: an operator who
+/// sets the send buffer bounds what waits in front of it too, so the bound follows it
+/// within `min ..= max`; unset (0, the kernel's auto-tuning) leaves `max`.
+pub fn bounded_by_sndbuf(sndbuf_size: Option<u32>, min: usize, max: usize) -> usize {
     match sndbuf_size.filter(|&s| s > 0) {
-        Some(s) => (s as usize).clamp(DATA_QUEUE_MIN_BYTES, DATA_QUEUE_BYTES),
-        None => DATA_QUEUE_BYTES,
+        Some(s) => (s as usize).clamp(min, max),
+        None => max,
     }
 }
 /// Bytes queued for the meta socket at most: acknowledgements are 40 bytes (h100), so this
