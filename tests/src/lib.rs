@@ -268,6 +268,25 @@ impl Pair {
             .into()
     }
 
+    /// Runs `drbdadm` and asserts that it fails with exit code `code` and says `text` on
+    /// standard error.
+    #[track_caller]
+    pub fn adm_refused(&self, i: usize, args: &[&str], code: i32, text: &str) -> Run {
+        let r = self.adm(i, args);
+        assert_eq!(
+            r.code, code,
+            "drbdadm {args:?} on {}: {}{}",
+            self.nodes[i].name, r.stdout, r.stderr
+        );
+        assert!(
+            r.stderr.contains(text),
+            "drbdadm {args:?} on {}: no {text:?} in: {}",
+            self.nodes[i].name,
+            r.stderr
+        );
+        r
+    }
+
     /// Runs `drbdadm` and asserts success.
     pub fn adm_ok(&self, i: usize, args: &[&str]) -> String {
         let r = self.adm(i, args);

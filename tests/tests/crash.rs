@@ -23,34 +23,45 @@ struct Acked {
     count: u64,
 }
 
-/// Writes stamped blocks inside `extents` (round robin) until `stop` or an error.
-fn writer(
-    p: &Pair,
-    node: usize,
-    extents: Vec<u64>,
+/// A writer thread: what it got acknowledged, and a flag that stops it.
+struct Writer {
+    handle: thread::JoinHandle<()>,
     stop: Arc<AtomicBool>,
     acked: Arc<Mutex<Acked>>,
-) -> thread::JoinHandle<()> {
+}
+
+/// Writes stamped blocks inside `extents` (round robin) until stopped or an error.
+fn writer(p: &Pair, node: usize, extents: Vec<u64>) -> Writer {
     let socket = p.nbd_socket(node);
-    thread::spawn(move || {
-        let mut c = NbdClient::connect(&socket, "r0").expect("connect");
-        let mut generation = 1u64;
-        while !stop.load(Ordering::Relaxed) {
-            let e = extents[(generation as usize) % extents.len()];
-            let block = e * BLOCKS_PER_EXTENT + (generation * 37) % BLOCKS_PER_EXTENT;
-            acked.lock().unwrap().in_flight = Some((block, generation));
-            if c.write(block * 4096, &stamped_block(block, generation))
-                .is_err()
-            {
-                return;
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Acked::default()));
+    let handle = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        thread::spawn(move || {
+            let mut c = NbdClient::connect(&socket, "r0").expect("connect");
+            let mut generation = 1u64;
+            while !stop.load(Ordering::Relaxed) {
+                let e = extents[(generation as usize) % extents.len()];
+                let block = e * BLOCKS_PER_EXTENT + (generation * 37) % BLOCKS_PER_EXTENT;
+                acked.lock().unwrap().in_flight = Some((block, generation));
+                if c.write(block * 4096, &stamped_block(block, generation))
+                    .is_err()
+                {
+                    return;
+                }
+                let mut a = acked.lock().unwrap();
+                a.last.insert(block, generation);
+                a.in_flight = None;
+                a.count += 1;
+                generation += 1;
             }
-            let mut a = acked.lock().unwrap();
-            a.last.insert(block, generation);
-            a.in_flight = None;
-            a.count += 1;
-            generation += 1;
-        }
-    })
+        })
+    };
+    Writer {
+        handle,
+        stop,
+        acked,
+    }
 }
 
 fn wait_for_writes(acked: &Mutex<Acked>, n: u64) {
@@ -119,17 +130,16 @@ fn new_pair(port: u16) -> Pair {
 fn kill_secondary_during_writes_then_resync_loses_nothing() {
     let mut p = new_pair(7820);
     p.up_and_sync();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let w = writer(&p, 0, vec![1, 6, 11], stop.clone(), acked.clone());
+    let w = writer(&p, 0, vec![1, 6, 11]);
+    let acked = w.acked.clone();
     wait_for_writes(&acked, 300);
     p.kill9(1);
     // The Primary goes on alone.
     let n = acked.lock().unwrap().count;
     wait_for_writes(&acked, n + 300);
     assert_ne!(p.cstate(0), "Connected");
-    stop.store(true, Ordering::Relaxed);
-    w.join().unwrap();
+    w.stop.store(true, Ordering::Relaxed);
+    w.handle.join().unwrap();
     assert!(p.statistic(0, "out-of-sync") > 0);
     p.start(1);
     p.adm_ok(1, &["up", "r0"]);
@@ -144,12 +154,11 @@ fn kill_secondary_during_writes_then_resync_loses_nothing() {
 fn kill_primary_during_writes_then_failover_and_rejoin() {
     let mut p = new_pair(7821);
     p.up_and_sync();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let w = writer(&p, 0, vec![2, 9], stop.clone(), acked.clone());
+    let w = writer(&p, 0, vec![2, 9]);
+    let acked = w.acked.clone();
     wait_for_writes(&acked, 500);
     p.kill9(0);
-    w.join().unwrap();
+    w.handle.join().unwrap();
     // Failover: the survivor has every acknowledged write.
     p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| {
         p.cstate(1) != "Connected"
@@ -189,12 +198,11 @@ fn kill_primary_during_writes_then_failover_and_rejoin() {
 fn kill_primary_and_restart_it_resyncs_its_activity_log_to_the_peer() {
     let mut p = new_pair(7822);
     p.up_and_sync();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let w = writer(&p, 0, vec![3, 12], stop.clone(), acked.clone());
+    let w = writer(&p, 0, vec![3, 12]);
+    let acked = w.acked.clone();
     wait_for_writes(&acked, 500);
     p.kill9(0);
-    w.join().unwrap();
+    w.handle.join().unwrap();
     p.wait_until("bravo notices the loss", Duration::from_secs(30), |p| {
         p.cstate(1) != "Connected"
     });
@@ -224,14 +232,13 @@ fn kill_primary_and_restart_it_resyncs_its_activity_log_to_the_peer() {
 fn sigterm_of_the_primary_during_writes_finishes_cleanly_and_loses_nothing() {
     let mut p = new_pair(7823);
     p.up_and_sync();
-    let stop = Arc::new(AtomicBool::new(false));
-    let acked = Arc::new(Mutex::new(Acked::default()));
-    let w = writer(&p, 0, vec![4, 10], stop.clone(), acked.clone());
+    let w = writer(&p, 0, vec![4, 10]);
+    let acked = w.acked.clone();
     wait_for_writes(&acked, 300);
     // SIGTERM while the writer streams: drbdd finishes or fails what is in flight, writes
     // its metadata and exits 0; the writer's next request fails.
     assert_eq!(p.stop(0), Some(0), "exit code of drbdd on SIGTERM");
-    w.join().unwrap();
+    w.handle.join().unwrap();
     let acked = acked.lock().unwrap();
     assert!(acked.count >= 300);
     // Protocol C: what alpha acknowledged is on bravo, and on alpha's own disk.

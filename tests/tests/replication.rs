@@ -35,13 +35,7 @@ fn initial_sync_then_qemu_io_and_nbdcopy_writes_reach_both_disks() {
     });
     assert_eq!(p.dstate(0), "Inconsistent/Inconsistent");
     // Without good data, promotion is refused with drbdsetup's exit code 17.
-    let r = p.adm(0, &["primary", "r0"]);
-    assert_eq!(r.code, 17, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("Need access to UpToDate data"),
-        "{}",
-        r.stderr
-    );
+    p.adm_refused(0, &["primary", "r0"], 17, "Need access to UpToDate data");
     p.adm_ok(0, &["primary", "--force", "r0"]);
     p.wait_in_sync(Duration::from_secs(60));
     assert_eq!(p.role(0), "Primary/Secondary");
@@ -588,13 +582,7 @@ fn wait_connect_discard_zeroes_fua_and_down_between_two_daemons() {
     });
     assert_eq!(p.role(0), "Primary/Unknown");
     assert_eq!(p.dstate(0), "UpToDate/DUnknown");
-    let r = p.adm(1, &["role", "r0"]);
-    assert_eq!(r.code, 10, "role after down: {}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("(127) Device minor not allocated"),
-        "{}",
-        r.stderr
-    );
+    p.adm_refused(1, &["role", "r0"], 10, "(127) Device minor not allocated");
     let mut c = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
     c.write(9 * MIB, &stamped_block(9 * MIB / 4096, 3))
         .expect("write while the peer is down");

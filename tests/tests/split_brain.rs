@@ -150,12 +150,11 @@ fn call_pri_lost_after_sb_demotes_the_loser_or_runs_its_handler() {
     p.adm_ok(1, &["secondary", "r0"]);
     let _held = NbdClient::connect(&p.nbd_socket(0), "r0").expect("connect");
     // A device held open is not demoted by hand either.
-    let r = p.adm(0, &["secondary", "r0"]);
-    assert_eq!(r.code, 11, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("(-12) Device is held open by someone"),
-        "{}",
-        r.stderr
+    p.adm_refused(
+        0,
+        &["secondary", "r0"],
+        11,
+        "(-12) Device is held open by someone",
     );
     for i in 0..2 {
         p.adm_ok(i, &["connect", "r0"]);
